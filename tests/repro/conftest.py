@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny real-architecture components built from config (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from paper_repro.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def zimage_pipe():
+    from paper_repro.tiny import tiny_zimage_pipeline
+
+    return tiny_zimage_pipeline(seed=0)
+
+
+@pytest.fixture()
+def flux2_pipe():
+    from paper_repro.tiny import tiny_flux2_klein_pipeline
+
+    return tiny_flux2_klein_pipeline(seed=0)
