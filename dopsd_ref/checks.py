@@ -44,7 +44,7 @@ def check_velocity(v: Tensor, x: Tensor, role: str, step: int, sigma: Tensor | f
             f"{where} returned shape {tuple(v.shape)}, expected the input's shape {tuple(x.shape)}"
         )
     if v.device != x.device:
-        raise ValueError(f"{where} returned a tensor on {v.device}, but x is on {x.device}")
+        raise ValueError(f"{where} returned a tensor on device {v.device}, but x is on device {x.device}")
     if v.dtype != x.dtype:
         if torch.is_autocast_enabled(x.device.type) and v.is_floating_point():
             v = v.to(x.dtype)

@@ -14,6 +14,7 @@ peft is imported lazily: the rest of dopsd_ref needs torch only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -58,7 +59,9 @@ def add_student_teacher_lora(model: nn.Module, lora_config: Any) -> nn.Module:
 
     model.requires_grad_(False)
     inject_adapter_in_model(lora_config, model, adapter_name=STUDENT)
-    inject_adapter_in_model(lora_config, model, adapter_name=TEACHER)
+    with warnings.catch_warnings():  # a second adapter is the point here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        inject_adapter_in_model(lora_config, model, adapter_name=TEACHER)
     student, teacher = lora_parameters(model, STUDENT), lora_parameters(model, TEACHER)
     if not student:
         raise ValueError(

@@ -99,7 +99,9 @@ def shifted_sigmas(num_steps: int, shift: float) -> Tensor:
     if not (shift > 0 and math.isfinite(shift)):
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
     s = uniform_sigmas(num_steps)
-    return validate_sigmas(shift * s / (1.0 + (shift - 1.0) * s))
+    shifted = shift * s / (1.0 + (shift - 1.0) * s)
+    shifted[0] = 1.0  # exact in real arithmetic; pin it against rounding (e.g. 1 + (0.2 − 1) ≠ 0.2)
+    return validate_sigmas(shifted)
 
 
 def zimage_turbo_sigmas(num_steps: int) -> Tensor:
@@ -139,7 +141,9 @@ def flux2_sigmas(num_steps: int, image_seq_len: int) -> Tensor:
     mu = flux2_empirical_mu(image_seq_len, num_steps)
     s = uniform_sigmas(num_steps)
     em = math.exp(mu)
-    return validate_sigmas(em / (em + (1.0 / s - 1.0)))
+    shifted = em / (em + (1.0 / s - 1.0))
+    shifted[0] = 1.0  # exact in real arithmetic; pinned against rounding
+    return validate_sigmas(shifted)
 
 
 def step_sizes(sigmas: Tensor) -> Tensor:
