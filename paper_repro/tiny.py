@@ -173,12 +173,15 @@ def tiny_qwen3_vl(tokenizer, seed: int = 1, spec: TinyQwen3Spec = TinyQwen3Spec(
     return Qwen3VLForConditionalGeneration(cfg).eval()
 
 
-def tiny_qwen3_vl_processor(tokenizer, patch_size: int = 4, min_pixels: int = 16 * 16, max_pixels: int = 32 * 32):
-    """``Qwen3VLProcessor`` with the PIL Qwen2-VL image processor (no torchvision needed)."""
-    from transformers import Qwen3VLProcessor
+def tiny_qwen3_vl_image_processor(patch_size: int = 4, min_pixels: int = 16 * 16, max_pixels: int = 32 * 32):
+    """Qwen2/3-VL image processor (PIL backend, no torchvision needed) with a tiny pixel budget.
+
+    The full ``Qwen3VLProcessor`` is not used: it insists on a video processor. The hybrid VLM
+    context expands the image placeholder itself, exactly as the processor does.
+    """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    image_processor = Qwen2VLImageProcessorPil(
+    return Qwen2VLImageProcessorPil(
         patch_size=patch_size,
         temporal_patch_size=2,
         merge_size=2,
@@ -186,7 +189,6 @@ def tiny_qwen3_vl_processor(tokenizer, patch_size: int = 4, min_pixels: int = 16
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 def tiny_zimage_transformer(seed: int = 0, cap_feat_dim: int = 32):
