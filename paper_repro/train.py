@@ -1,0 +1,397 @@
+"""D-OPSD training on Z-Image-Turbo / FLUX.2-klein with diffusers, peft and accelerate.
+
+Run::
+
+    python -m paper_repro.train --config paper_repro/configs/zimage_turbo_lora.yaml
+    accelerate launch --config_file paper_repro/accelerate/ddp_4gpu.yaml \
+        -m paper_repro.train --config paper_repro/configs/zimage_turbo_lora.yaml
+
+One optimizer step (per process; gradients are averaged across processes)::
+
+    for m in 1..grad_accum:
+        images, prompts <- the rank's slice of one same-bucket global batch
+        c_s = text context(prompts)                       exactly the inference path
+        c_t = teacher context(prompts, images)            hybrid VLM / editing branch
+        out = dopsd_rollout_loss(v_student(., ., c_s), v_teacher(., ., c_t), ε, σ-grid)
+              (backward per roll-out step, or once: train.grad_strategy)
+    clip ||∇|| to max_grad_norm; AdamW step; teacher <- d·teacher + (1 − d)·student
+
+The roll-out and the loss are ``dopsd_ref.dopsd_rollout_loss`` unchanged; this file only
+binds contexts, drives accelerate, and does I/O. Checkpoints (student + teacher weights,
+optimizer, per-rank RNG, step) are written to a temporary folder and renamed, so a crash never
+leaves a half checkpoint; data order and noise are pure functions of (seed, step, rank), so a
+resumed run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dopsd_ref import dopsd_rollout_loss, ema_update_
+from dopsd_ref.lora import STUDENT, TEACHER, add_student_teacher_lora, lora_ema_update_, lora_parameters, use_adapter
+from dopsd_ref.sampling import euler_sample
+
+from .adapters import (
+    Flux2Reference,
+    Flux2Velocity,
+    ZImageVelocity,
+    flux2_encode_reference,
+    flux2_packed_to_pipeline_latents,
+    flux2_reference_ids,
+)
+from .components import Components, load_components
+from .config import RunConfig, load_config
+from .contexts import flux2_text_context, zimage_text_context
+from .data import BucketBatchPlan, FolderDataset, pil_to_tensor
+from .grids import training_grid
+from .lora import LoraSpec, intended_modules, make_lora_config, missing_lora, save_lora_for_pipeline, targets_for
+
+__all__ = ["DOPSDTrainer", "main"]
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers given (noise per step/rank)."""
+    h = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class DOPSDTrainer:
+    """The training script's machinery (used by :func:`main` and by the tests).
+
+    Args:
+        cfg: the run configuration.
+        accelerator: an ``accelerate.Accelerator`` (one is created from the config if None).
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
+        self.cfg = cfg
+        t = cfg.train
+        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+        self.is_deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        if self.is_deepspeed and (t.grad_strategy != "single" or t.grad_accum != 1):
+            raise ValueError("DeepSpeed runs its own backward/step: set train.grad_strategy=single and "
+                             "train.grad_accum=1 (scale the global batch with processes x batch_size)")
+        set_seed(t.seed)
+        self.out = Path(cfg.output_dir)
+        self.device = self.acc.device
+        self.comps: Components = load_components(cfg.model, self.device)
+        backbone = cfg.model.backbone
+        tr = self.comps.transformer
+
+        # --- trainable part and teacher -------------------------------------------------
+        self.teacher_module: nn.Module | None = None
+        if t.mode == "lora":
+            targets = tuple(cfg.lora.targets) if cfg.lora.targets else targets_for(backbone)
+            self.lora_spec = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets)
+            self.intended = intended_modules(tr, targets)
+            add_student_teacher_lora(tr, make_lora_config(backbone, self.lora_spec))
+            for adapter in (STUDENT, TEACHER):
+                missing = missing_lora(tr, self.intended, adapter)
+                if missing:
+                    raise RuntimeError(f"LoRA adapter {adapter!r} missing on intended modules: {missing[:5]}")
+        else:
+            self.lora_spec = None
+            self.intended = []
+            tr.to(torch.float32).requires_grad_(True)
+            self.teacher_module = copy.deepcopy(tr).requires_grad_(False).eval()
+        if t.gradient_checkpointing:
+            tr.enable_gradient_checkpointing()
+        tr.train()
+        self.params = [p for p in tr.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.model, self.optimizer = self.acc.prepare(tr, opt)
+        self.unwrapped = self.acc.unwrap_model(self.model)
+
+        # --- data --------------------------------------------------------------------------
+        vsf = 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
+        self.vae_scale = vsf
+        self.dataset = FolderDataset(cfg.data.root, cfg.data.resolution, multiple=2 * vsf,
+                                     caption_prefix=cfg.data.caption_prefix)
+        self.plan = BucketBatchPlan(self.dataset, t.batch_size, self.acc.num_processes, t.seed)
+        self.step = 0
+        self.log_path = self.out / "log.jsonl"
+
+    # ------------------------------------------------------------------ contexts & models
+    def _latent_shape(self, batch: int, bucket: tuple[int, int]) -> tuple[tuple[int, ...], int, int]:
+        """Noise shape for a bucket, and the (h, w) token grid (FLUX.2) / latent size (Z-Image)."""
+        h, w = bucket
+        f = self.vae_scale * 2
+        lh, lw = 2 * (h // f), 2 * (w // f)
+        c = self.comps.transformer.config.in_channels
+        if self.cfg.model.backbone == "zimage":
+            return (batch, c, lh, lw), lh, lw
+        return (batch, (lh // 2) * (lw // 2), c), lh // 2, lw // 2
+
+    def velocity_fns(self, prompts: list[str], images: list, h: int, w: int) -> tuple[VelocityFn, VelocityFn]:
+        """Student (text context, trainable weights) and teacher (multimodal context, EMA weights)."""
+        m = self.cfg.model
+        comps = self.comps
+        teacher_net = self.teacher_module if self.teacher_module is not None else self.unwrapped
+        if m.backbone == "zimage":
+            caps_s = zimage_text_context(comps.text_encoder, comps.tokenizer, prompts, m.max_sequence_length, self.device)
+            caps_t = comps.vlm_context(prompts, images)
+            student = ZImageVelocity(self.model, caps_s)
+            teacher_inner = ZImageVelocity(teacher_net, caps_t)
+        else:
+            emb_s = flux2_text_context(comps.text_encoder, comps.tokenizer, prompts, m.flux2_text_layers,
+                                       m.max_sequence_length, self.device)
+            t_prompts = [(p + " " + m.teacher_instruction).strip() for p in prompts]
+            emb_t = emb_s if t_prompts == list(prompts) else flux2_text_context(
+                comps.text_encoder, comps.tokenizer, t_prompts, m.flux2_text_layers, m.max_sequence_length, self.device)
+            pix = torch.stack([pil_to_tensor(im) for im in images]).to(self.device)
+            with torch.no_grad():
+                tokens, rh, rw = flux2_encode_reference(comps.vae, pix)
+            ref = Flux2Reference(tokens, flux2_reference_ids([(rh, rw)], device=self.device))
+            student = Flux2Velocity(self.model, emb_s, h, w)
+            teacher_inner = Flux2Velocity(teacher_net, emb_t, h, w, reference=ref)
+
+        if self.teacher_module is not None:
+            return student, teacher_inner
+
+        def teacher(x: Tensor, s: Tensor) -> Tensor:
+            with use_adapter(self.unwrapped, TEACHER):
+                return teacher_inner(x, s)
+
+        return student, teacher
+
+    def micro_batch(self, step: int, micro: int):
+        """Noise, σ grid and the two velocity functions of one micro-batch (pure in step/rank)."""
+        t = self.cfg.train
+        gstep = step * t.grad_accum + micro
+        idx = self.plan.batch(gstep, self.acc.process_index)
+        loaded = [self.dataset.load(i) for i in idx]
+        images, prompts = [x[0] for x in loaded], [x[1] for x in loaded]
+        bucket = self.dataset.samples[idx[0]].bucket
+        shape, h, w = self._latent_shape(len(idx), bucket)
+        g = torch.Generator().manual_seed(_seed_for(t.seed, gstep, self.acc.process_index))
+        noise = torch.randn(shape, generator=g).to(self.device)
+        seq = h * w if self.cfg.model.backbone == "flux2" else None
+        sigmas = training_grid(self.cfg.model.backbone, t.num_rollout_steps, seq, t.sigmas).to(torch.float32)
+        student, teacher = self.velocity_fns(prompts, images, h, w)
+        return noise, sigmas, student, teacher
+
+    # ------------------------------------------------------------------ one step
+    def ema_update(self) -> None:
+        """Teacher ← d·teacher + (1 − d)·student (LoRA A and B separately, or all weights)."""
+        d = self.cfg.train.ema_decay
+        if self.teacher_module is None:
+            lora_ema_update_(self.unwrapped, d)
+        else:
+            s = [p for p in self.unwrapped.parameters()]
+            te = [p for p in self.teacher_module.parameters()]
+            ema_update_(te, s, d)
+
+    def train_step(self) -> dict:
+        """One optimizer step at ``self.step``; returns the logged metrics and advances the step."""
+        t = self.cfg.train
+        per_step_bw = t.grad_strategy == "per_step"
+        losses, per_steps = [], []
+        for micro in range(t.grad_accum):
+            noise, sigmas, student, teacher = self.micro_batch(self.step, micro)
+            with self.acc.autocast():
+                out = dopsd_rollout_loss(student, teacher, noise, sigmas, space=t.space,
+                                         per_step_backward=per_step_bw, grad_scale=1.0 / t.grad_accum)
+            if not per_step_bw:
+                self.acc.backward(out.loss / t.grad_accum)
+            losses.append(out.loss.detach().float())
+            per_steps.append(out.per_step.float())
+        grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        gn = float(grad_norm) if grad_norm is not None else float("nan")
+        if grad_norm is not None and not np.isfinite(gn):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"gradient norm is {gn} at optimizer step {self.step}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema_update()
+        self.step += 1
+        return {"step": self.step, "loss": float(torch.stack(losses).mean()), "grad_norm": gn,
+                "per_step": torch.stack(per_steps).mean(0).tolist()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> dict[str, dict[str, Tensor]]:
+        if self.teacher_module is None:
+            return {
+                "student": {k: v.detach().cpu().clone() for k, v in lora_parameters(self.unwrapped, STUDENT).items()},
+                "teacher": {k: v.detach().cpu().clone() for k, v in lora_parameters(self.unwrapped, TEACHER).items()},
+            }
+        return {"student": {k: v.detach().cpu().clone() for k, v in self.unwrapped.state_dict().items()},
+                "teacher": {k: v.detach().cpu().clone() for k, v in self.teacher_module.state_dict().items()}}
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint ``checkpoints/step-XXXXXXX`` (tmp folder + rename, then ``latest``)."""
+        ckdir = self.out / "checkpoints"
+        final = ckdir / f"step-{self.step:07d}"
+        tmp = ckdir / f".tmp-step-{self.step:07d}"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, tmp / f"rng-rank{self.acc.process_index}.pt")
+        if self.is_deepspeed or self.acc.distributed_type.name.startswith("FSDP"):
+            self.acc.save_state(str(tmp / "accelerate_state"))  # sharded model/optimizer states
+        if self.acc.is_main_process:
+            torch.save(self._trainable_state(), tmp / "trainable.pt")
+            if not (self.is_deepspeed or self.acc.distributed_type.name.startswith("FSDP")):
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": self.acc.num_processes}))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest_tmp = ckdir / ".latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, ckdir / "latest")
+            kept = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
+            for old in kept[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | Path | None = None) -> bool:
+        """Resume from ``path`` or ``checkpoints/latest``; returns False if there is none."""
+        ckdir = self.out / "checkpoints"
+        if path is None:
+            latest = ckdir / "latest"
+            if not latest.exists():
+                return False
+            path = ckdir / latest.read_text().strip()
+        path = Path(path)
+        state = json.loads((path / "state.json").read_text())
+        if state["num_processes"] != self.acc.num_processes:
+            raise ValueError(f"checkpoint {path} was written with {state['num_processes']} processes, "
+                             f"this run has {self.acc.num_processes}: data order would differ")
+        if (path / "accelerate_state").exists():
+            self.acc.load_state(str(path / "accelerate_state"))
+        train = torch.load(path / "trainable.pt", map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            if self.teacher_module is None:
+                for adapter in (STUDENT, TEACHER):
+                    params = lora_parameters(self.unwrapped, adapter)
+                    for k, v in train[adapter if adapter == STUDENT else "teacher"].items():
+                        params[k].copy_(v)
+            else:
+                self.unwrapped.load_state_dict(train["student"])
+                self.teacher_module.load_state_dict(train["teacher"])
+        if (path / "optimizer.pt").exists():
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        rng = torch.load(path / f"rng-rank{self.acc.process_index}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+        return True
+
+    # ------------------------------------------------------------------ outputs
+    def save_lora(self) -> Path | None:
+        """Student (and teacher) LoRA in the format ``pipe.load_lora_weights`` reads."""
+        if self.teacher_module is not None:
+            if self.acc.is_main_process:
+                self.unwrapped.save_pretrained(self.out / "transformer")
+            return None
+        if self.acc.is_main_process:
+            save_lora_for_pipeline(self.unwrapped, self.comps.pipeline_cls, self.out / "lora", self.lora_spec,
+                                   self.cfg.model.backbone, STUDENT)
+            save_lora_for_pipeline(self.unwrapped, self.comps.pipeline_cls, self.out / "lora_teacher",
+                                   self.lora_spec, self.cfg.model.backbone, TEACHER)
+        self.acc.wait_for_everyone()
+        return self.out / "lora"
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Student samples of ``train.sample_prompts`` (fixed seed, training grid) as a PNG grid."""
+        t, m = self.cfg.train, self.cfg.model
+        if not t.sample_prompts or not self.acc.is_main_process:
+            return None
+        from PIL import Image
+
+        prompts = list(t.sample_prompts)
+        bucket = self.dataset.buckets[0]
+        shape, h, w = self._latent_shape(len(prompts), bucket)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(t.sample_seed)).to(self.device)
+        seq = h * w if m.backbone == "flux2" else None
+        sigmas = training_grid(m.backbone, t.num_rollout_steps, seq, t.sigmas).to(torch.float32)
+        vae = self.comps.vae
+        with self.acc.autocast():
+            if m.backbone == "zimage":
+                caps = zimage_text_context(self.comps.text_encoder, self.comps.tokenizer, prompts,
+                                           m.max_sequence_length, self.device)
+                lat = euler_sample(ZImageVelocity(self.unwrapped, caps), noise, sigmas)
+                lat = lat / vae.config.scaling_factor + vae.config.shift_factor
+            else:
+                emb = flux2_text_context(self.comps.text_encoder, self.comps.tokenizer, prompts, m.flux2_text_layers,
+                                         m.max_sequence_length, self.device)
+                lat = euler_sample(Flux2Velocity(self.unwrapped, emb, h, w), noise, sigmas)
+                lat = flux2_packed_to_pipeline_latents(lat, h, w, vae)
+            img = vae.decode(lat.to(next(vae.parameters()).dtype), return_dict=False)[0]
+        img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        grid = np.concatenate(list(img), axis=1)
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        return path
+
+    def log(self, metrics: dict) -> None:
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def run(self, resume: bool = True) -> None:
+        """Train to ``train.steps`` with periodic logs, sample grids and checkpoints."""
+        t = self.cfg.train
+        if resume and self.load_checkpoint():
+            self.acc.print(f"resumed at step {self.step}")
+        if self.acc.is_main_process and self.comps.vlm_report is not None:
+            self.acc.print(self.comps.vlm_report.summary())
+            self.log({"vlm_matched": len(self.comps.vlm_report.matched), "vlm_total": self.comps.vlm_report.total_target})
+        t0 = time.time()
+        while self.step < t.steps:
+            metrics = self.train_step()
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                metrics["sec_per_step"] = (time.time() - t0) / max(1, self.step)
+                self.log(metrics)
+                self.acc.print(json.dumps(metrics))
+            if self.step % t.sample_every == 0:
+                self.sample_grid()
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save_checkpoint()
+        self.save_lora()
+
+
+def main(argv: list[str] | None = None) -> DOPSDTrainer:
+    """CLI: ``python -m paper_repro.train --config CFG [--set a.b=v ...] [--no-resume]``."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML/JSON run config (see paper_repro/configs)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints/latest in output_dir")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    trainer = DOPSDTrainer(cfg)
+    trainer.run(resume=not args.no_resume)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
