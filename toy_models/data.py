@@ -1,0 +1,271 @@
+"""Deterministic procedural image–caption world.
+
+Every image is one shape on a flat background, rendered anti-aliased at 16×16 RGB in
+[−1, 1] (``x = 2·rgb − 1``). A :class:`Spec` fully determines its image:
+
+- shape ∈ 6 known shapes, the held-out ``"ell"`` (an L glyph), or ``"glyph"`` — an
+  unlabelled procedural glyph (union of bars or blobs, L-like mirrors included, the
+  canonical L excluded) used to teach copying from a reference;
+- color ∈ 6 colours, bg ∈ 3 backgrounds, size ∈ {small, large}, a centre position;
+- style ∈ known fills (solid, checker, dotted, vstripe) or the held-out ``"hstripe"``;
+- domain ∈ {"base", "pastel"}: ``pastel`` is a consistent restyling of every image
+  (pastel shape colours on dusky backgrounds) for full-fine-tuning experiments.
+
+Determinism: spec samplers take a ``numpy.random.Generator``; :func:`spec_at` builds the
+generator from ``(seed, index)`` so item ``i`` of a seeded set never depends on others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from toy_models import vocab as V
+
+RES = 16
+SUPERSAMPLE = 4
+RADIUS = {"small": 3.2, "large": 5.2}
+
+PALETTES: dict[str, dict[str, tuple[float, float, float]]] = {
+    "base": {
+        "red": (0.90, 0.10, 0.10), "green": (0.10, 0.80, 0.20), "blue": (0.15, 0.30, 0.95),
+        "yellow": (0.95, 0.90, 0.10), "magenta": (0.90, 0.15, 0.85), "cyan": (0.10, 0.85, 0.90),
+        "black": (0.05, 0.05, 0.05), "gray": (0.50, 0.50, 0.50), "white": (0.95, 0.95, 0.95),
+    },
+    "pastel": {
+        "red": (0.98, 0.62, 0.62), "green": (0.62, 0.95, 0.68), "blue": (0.62, 0.72, 0.99),
+        "yellow": (0.99, 0.96, 0.62), "magenta": (0.97, 0.64, 0.95), "cyan": (0.62, 0.95, 0.97),
+        "black": (0.10, 0.08, 0.25), "gray": (0.30, 0.22, 0.38), "white": (0.48, 0.40, 0.58),
+    },
+}
+DOMAINS: tuple[str, ...] = tuple(PALETTES)
+
+Glyph = tuple[tuple[float, ...], ...]  # ("r", x0, y0, x1, y1) / ("c", cx, cy, r) as floats
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything that determines one image (and its caption)."""
+
+    shape: str
+    color: str
+    bg: str
+    size: str
+    cx: float
+    cy: float
+    style: str = "solid"
+    domain: str = "base"
+    glyph: Optional[Glyph] = None  # only for shape == "glyph"
+
+    def replace(self, **kw) -> "Spec":
+        return dataclasses.replace(self, **kw)
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, glyph: Optional[Glyph]) -> np.ndarray:
+    """Boolean inside-mask in normalised coords (u right, v down, shape radius = 1)."""
+    a, b = np.abs(u), np.abs(v)
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return np.maximum(a, b) <= 0.8
+    if shape == "triangle":
+        return (v <= 0.8) & (a <= (v + 0.95) / 1.75 * 0.95)
+    if shape == "cross":
+        return ((a <= 0.3) & (b <= 0.95)) | ((b <= 0.3) & (a <= 0.95))
+    if shape == "ring":
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= 0.5**2)
+    if shape == "diamond":
+        return a + b <= 1.0
+    if shape == V.NOVEL_SHAPE:
+        return ((u >= -0.8) & (u <= -0.25) & (v >= -0.9) & (v <= 0.9)) | (
+            (u >= -0.8) & (u <= 0.8) & (v >= 0.35) & (v <= 0.9)
+        )
+    if shape == "glyph":
+        if glyph is None:
+            raise ValueError("shape 'glyph' needs glyph parameters")
+        m = np.zeros(np.broadcast(u, v).shape, dtype=bool)
+        for g in glyph:
+            if g[0] == 0.0:  # rectangle
+                _, x0, y0, x1, y1 = g
+                m |= (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1)
+            else:  # disc
+                _, gx, gy, gr = g
+                m |= (u - gx) ** 2 + (v - gy) ** 2 <= gr * gr
+        return m
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _style_pattern(style: str, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """1 where the fill shows the shape colour, 0 where it shows the background."""
+    if style == "solid":
+        return np.ones(np.broadcast(ix, iy).shape)
+    if style == "checker":
+        return (((ix // 2) + (iy // 2)) % 2 == 0).astype(float)
+    if style == "dotted":
+        return 1.0 - ((ix % 3 == 1) & (iy % 3 == 1)).astype(float)
+    if style == "vstripe":
+        return (ix % 2 == 0).astype(float) * np.ones_like(iy)
+    if style == V.NOVEL_STYLE:
+        return (iy % 2 == 0).astype(float) * np.ones_like(ix)
+    raise ValueError(f"unknown style {style!r}")
+
+
+_SS = (np.arange(RES * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+_GX, _GY = np.meshgrid(_SS, _SS)  # [64,64] pixel coords, x right, y down
+_IX, _IY = np.meshgrid(np.arange(RES), np.arange(RES))
+
+
+def coverage(spec: Spec) -> np.ndarray:
+    """Anti-aliased shape coverage in [0, 1], shape [16, 16]."""
+    r = RADIUS[spec.size]
+    m = _shape_mask(spec.shape, (_GX - spec.cx) / r, (_GY - spec.cy) / r, spec.glyph)
+    return m.reshape(RES, SUPERSAMPLE, RES, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def render(spec: Spec) -> np.ndarray:
+    """Render a spec: float32 [3, 16, 16] in [−1, 1].
+
+    ``pixel = bg + coverage · pattern · (colour − bg)``, then ``x = 2·pixel − 1``.
+    """
+    pal = PALETTES[spec.domain]
+    col = np.asarray(pal[spec.color])[:, None, None]
+    bg = np.asarray(pal[spec.bg])[:, None, None]
+    a = coverage(spec) * _style_pattern(spec.style, _IX, _IY)
+    img = bg + a[None] * (col - bg)
+    return (2.0 * img - 1.0).astype(np.float32)
+
+
+def render_batch(specs: Sequence[Spec]) -> Tensor:
+    """Render many specs: float32 tensor [B, 3, 16, 16]."""
+    return torch.from_numpy(np.stack([render(s) for s in specs]))
+
+
+# --------------------------------------------------------------------- captions
+
+
+def caption(spec: Spec, shape_word: Optional[str] = None, style_word: Optional[str] = None) -> str:
+    """Caption ``[size] [color] [style] [shape] on [bg]``; style omitted when solid.
+
+    ``shape_word``/``style_word`` override the words (e.g. with the rare tokens); glyphs and
+    held-out concepts have no word of their own, so they default to the rare tokens.
+    """
+    if shape_word is None:
+        shape_word = spec.shape if spec.shape in V.KNOWN_SHAPES else V.SHAPE_TOKEN
+    if style_word is None:
+        if spec.style == "solid":
+            style_word = ""
+        else:
+            style_word = spec.style if spec.style in V.KNOWN_STYLES else V.STYLE_TOKEN
+    words = [spec.size, spec.color, style_word, shape_word, "on", spec.bg]
+    return " ".join(w for w in words if w)
+
+
+# ---------------------------------------------------------------------- samplers
+
+_GLYPH_POS = (-0.6, 0.0, 0.6)
+_ELL_REF = None
+
+
+def _norm_grid(n: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    g = (np.arange(n) + 0.5) / n * 2.4 - 1.2
+    return np.meshgrid(g, g)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def random_glyph(rng: np.random.Generator) -> Glyph:
+    """An unlabelled glyph: 2–3 bars on a 3×3 lattice, or 2–3 blobs.
+
+    Rejected (and redrawn) when it looks like the held-out L (IoU > 0.6 with the
+    canonical ell) or like a known shape (IoU > 0.75): mirrored/rotated Ls stay in.
+    """
+    u, v = _norm_grid()
+    ell = _shape_mask(V.NOVEL_SHAPE, u, v, None)
+    known = [_shape_mask(s, u, v, None) for s in V.KNOWN_SHAPES]
+    while True:
+        parts: list[tuple[float, ...]] = []
+        if rng.random() < 0.7:
+            for _ in range(int(rng.integers(2, 4))):
+                p = float(rng.choice(_GLYPH_POS))
+                lo, hi = sorted(rng.choice([-0.9, -0.3, 0.3, 0.9], size=2, replace=False))
+                w = 0.28
+                if rng.random() < 0.5:  # vertical bar
+                    parts.append((0.0, p - w, float(lo) - w, p + w, float(hi) + w))
+                else:
+                    parts.append((0.0, float(lo) - w, p - w, float(hi) + w, p + w))
+        else:
+            for _ in range(int(rng.integers(2, 4))):
+                gx, gy = rng.uniform(-0.5, 0.5, size=2)
+                parts.append((1.0, float(gx), float(gy), float(rng.uniform(0.35, 0.6))))
+        g = tuple(parts)
+        m = _shape_mask("glyph", u, v, g)
+        if m.mean() < 0.08:
+            continue
+        if _iou(m, ell) > 0.6 or max(_iou(m, k) for k in known) > 0.75:
+            continue
+        return g
+
+
+def random_placement(rng: np.random.Generator, size: str) -> tuple[float, float]:
+    """Centre such that the shape stays inside the image."""
+    r = RADIUS[size]
+    lo, hi = r + 0.3, RES - r - 0.3
+    return float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+
+
+def random_spec(
+    rng: np.random.Generator,
+    shapes: Sequence[str] = V.KNOWN_SHAPES,
+    styles: Sequence[str] = ("solid",),
+    style_probs: Optional[Sequence[float]] = None,
+    domain: str = "base",
+) -> Spec:
+    """Draw a spec uniformly over the given shapes/styles and all colours/bgs/sizes."""
+    shape = str(rng.choice(list(shapes)))
+    style = str(rng.choice(list(styles), p=style_probs))
+    size = str(rng.choice(V.SIZES))
+    if style != "solid":
+        size = "large"  # fills need room to be visible
+    cx, cy = random_placement(rng, size)
+    color = str(rng.choice(V.COLORS))
+    bg = str(rng.choice(V.BACKGROUNDS))
+    glyph = random_glyph(rng) if shape == "glyph" else None
+    return Spec(shape, color, bg, size, cx, cy, style, domain, glyph)
+
+
+def spec_at(seed: int, index: int, **kw) -> Spec:
+    """Item ``index`` of the seeded set: independent of every other index."""
+    return random_spec(np.random.default_rng([seed, index]), **kw)
+
+
+def specs(seed: int, n: int, **kw) -> list[Spec]:
+    """The first ``n`` items of a seeded set (see :func:`spec_at`)."""
+    return [spec_at(seed, i, **kw) for i in range(n)]
+
+
+def concept_reference(
+    rng: np.random.Generator, target: Spec, aligned: bool, same_color: bool
+) -> Spec:
+    """A reference that shares the target's concept (shape/glyph and style), not its pixels.
+
+    Background always redrawn; colour kept when ``same_color``; placement and size kept
+    when ``aligned``, else redrawn.
+    """
+    bg = str(rng.choice(V.BACKGROUNDS))
+    color = target.color if same_color else str(rng.choice(V.COLORS))
+    size, cx, cy = target.size, target.cx, target.cy
+    if not aligned:
+        size = target.size if target.style != "solid" else str(rng.choice(V.SIZES))
+        cx, cy = random_placement(rng, size)
+    return target.replace(bg=bg, color=color, size=size, cx=cx, cy=cy)

@@ -1,0 +1,82 @@
+"""Small building blocks shared by the toy denoiser and text encoder."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sincos_1d(pos: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of positions [N] → [N, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    ang = pos.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+
+
+def sincos_2d(h: int, w: int, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos positional embedding [h·w, dim]: half the channels encode the row,
+    half the column (row-major token order)."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([sincos_1d(ys.flatten(), dim // 2, 100.0), sincos_1d(xs.flatten(), dim // 2, 100.0)], -1)
+
+
+class SigmaEmbed(nn.Module):
+    """σ ∈ [0, 1] → sinusoidal(1000·σ) → MLP → [B, dim]."""
+
+    def __init__(self, dim: int, freq_dim: int = 128) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        return self.mlp(sincos_1d(sigma * 1000.0, self.freq_dim))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``kv`` is None.
+
+    ``key_mask`` [B, Lk] bool, True = may be attended to.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, kv: Optional[Tensor] = None, key_mask: Optional[Tensor] = None) -> Tensor:
+        B, N, D = x.shape
+        src = x if kv is None else kv
+        h = self.heads
+        q = self.q(x).view(B, N, h, D // h).transpose(1, 2)  # [B,h,N,d]
+        k, v = self.kv(src).view(B, src.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2×[B,h,Lk,d]
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer (self-attention + GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        self.n1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.n2 = nn.LayerNorm(dim)
+        hid = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hid), nn.GELU(), nn.Linear(hid, dim))
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.n1(x), key_mask=key_mask)
+        return x + self.mlp(self.n2(x))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x·(1 + scale) + shift`` with per-sample [B, D] shift/scale."""
+    return x * (1 + scale[:, None]) + shift[:, None]

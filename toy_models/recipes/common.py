@@ -1,0 +1,91 @@
+"""Helpers shared by the recipes: threads, EMA, LR schedule, flow-matching loss, logs."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dopsd_ref.conventions import noise_state, velocity_target
+
+
+def base_parser(desc: str, out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=desc)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=out, help="output model folder (HF style)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave default)")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+class EMA:
+    """Exponential moving average of parameters: ``θ̄ ← d·θ̄ + (1 − d)·θ``."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, final_frac: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``final_frac·lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def training_sigmas(n: int, gen: torch.Generator) -> Tensor:
+    """Half logit-normal(0, 1), half uniform σ in (0, 1)."""
+    ln = torch.sigmoid(torch.randn(n, generator=gen))
+    un = torch.rand(n, generator=gen)
+    pick = torch.rand(n, generator=gen) < 0.5
+    return torch.where(pick, ln, un).clamp(1e-4, 1.0)
+
+
+def fm_loss_sum(model: nn.Module, x0: Tensor, context: Any, gen: torch.Generator) -> Tensor:
+    """Summed per-sample flow-matching MSE ``Σ_b mean((v_θ(x_σ, σ, c) − (ε − x0))²)``."""
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = training_sigmas(x0.shape[0], gen)
+    v = model(noise_state(x0, noise, sigma), sigma, context)
+    return (v - velocity_target(x0, noise)).pow(2).mean(dim=(1, 2, 3)).sum()
+
+
+class JsonLog:
+    """Append-only JSON-lines log."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a")
+
+    def write(self, **kw: Any) -> None:
+        self.f.write(json.dumps(kw) + "\n")
+        self.f.flush()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
