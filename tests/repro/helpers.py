@@ -1,0 +1,33 @@
+"""Small helpers for the paper_repro tests: a tiny image-caption folder and tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_folder(root: Path, sizes=((32, 32), (32, 32), (24, 40), (40, 24)), seed: int = 0,
+                caption: str = "a photo of sks dog") -> Path:
+    """Write random RGB PNGs with same-stem caption files; returns ``root``."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(caption)
+    return root
+
+
+def tiny_config(backbone: str, data_root: Path, out: Path, **train):
+    """A validated tiny RunConfig (float32, no autocast) for ``backbone``."""
+    from paper_repro.config import DataConfig, LoraConfigSpec, ModelConfig, RunConfig, TrainConfig
+
+    model = ModelConfig(backbone=backbone, tiny=True, weight_dtype="float32", max_sequence_length=32,
+                        flux2_text_layers=(1, 2, 3))
+    t = dict(steps=2, lr=1e-2, ema_decay=0.9, mixed_precision="no", gradient_checkpointing=False,
+             checkpoint_every=1000, sample_every=1000, log_every=1)
+    t.update(train)
+    return RunConfig(model=model, data=DataConfig(root=str(data_root), resolution=16),
+                     lora=LoraConfigSpec(rank=4, alpha=8), train=TrainConfig(**t), output_dir=str(out))
