@@ -17,14 +17,13 @@ built, the student's gradients are untouched).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .golden import EMA_DECAY, EMA_SLOW_DECAY, Golden, dtype_from_name, dtype_name, load_golden
-from .harness import AdapterError, EmaFn, load_callable
+from .harness import AdapterError, EmaFn, load_callable, single_thread
 from .report import CheckResult, ConformanceReport
 
 __all__ = ["run_ema_conformance", "apply_ema", "ema_golden_tensors", "EMA_SHAPES", "EMA_STEPS"]
@@ -90,6 +89,11 @@ def run_ema_conformance(fn: EmaFn | str, dtype: str = "float32", *, golden: Gold
     """
     name = fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
     impl: EmaFn = load_callable(fn) if isinstance(fn, str) else fn
+    with single_thread():
+        return _run_ema(impl, name, dtype, golden)
+
+
+def _run_ema(impl: EmaFn, name: str, dtype: str, golden: Golden | None) -> ConformanceReport:
     td = dtype_from_name(dtype)
     dn = dtype_name(td)
     g = golden or load_golden()
@@ -158,5 +162,4 @@ def run_ema_conformance(fn: EmaFn | str, dtype: str = "float32", *, golden: Gold
     if gchg:
         detail += ": the student's .grad was modified by the EMA update"
     results.append(CheckResult("ema_no_grad", "PASS" if ok else "FAIL", float(graph) + float(gchg), 0.0, detail))
-    _ = math  # keep import for type checkers
     return ConformanceReport(title, tuple(results))

@@ -32,14 +32,16 @@ the gradients accumulated on the student's parameters.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "single_thread",
     "Convention",
     "CONVENTIONS",
     "RolloutFn",
@@ -61,6 +63,20 @@ _TIME_ARG = {"sigma": "sigma", "zimage": "t", "flux2": "timestep"}
 RolloutFn = Callable[[Callable[..., Tensor], Callable[..., Tensor], Tensor, Tensor, str], Any]
 # ema(teacher_tensors, student_tensors, decay) -> None (in place) or the new teacher tensors
 EmaFn = Callable[[list[Tensor], list[Tensor], float], Any]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run with one intra-op CPU thread, restoring the previous setting afterwards.
+
+    The kit's tensors are tiny: on a loaded machine, thread hand-offs cost ~50× the maths.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 class AdapterError(RuntimeError):

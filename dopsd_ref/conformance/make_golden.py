@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import dopsd_rollout_loss, ema_update_
 from ._io import dumps_json, sha256_file, write_safetensors
 from .ema import EMA_SHAPES, EMA_STEPS, apply_ema
+from .harness import single_thread
 from .fields import CONTEXT_DIM, DATA_SHAPE, HIDDEN_DIM, build_field, lcg_normal, make_field_tensors, make_noise, param_names
 from .golden import (
     DTYPES, EMA_DECAY, EMA_SLOW_DECAY, FIELDS, GOLDEN_DIR, PROPERTY_CASE, QUANTITIES, SCHEDULES, SPACES,
@@ -161,7 +162,11 @@ def _sig2(x: float) -> float:
 
 def generate(out_dir: Path) -> dict:
     """Write ``linear/mlp/ema.safetensors`` and ``manifest.json`` into ``out_dir``; return the manifest."""
-    torch.set_num_threads(1)  # small tensors; also keeps reductions single-threaded
+    with single_thread():  # small tensors; also keeps every reduction single-threaded
+        return _generate(out_dir)
+
+
+def _generate(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = compute_goldens()
     meta = {"format": FORMAT}

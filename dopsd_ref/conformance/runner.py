@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..sampling import euler_sample
 from .golden import PROPERTY_CASE, SCHEDULES, CaseId, Golden, all_cases, dtype_from_name, dtype_name, load_golden
-from .harness import CONVENTIONS, RolloutFn, RunRecord, execute, load_callable, model_time
+from .harness import CONVENTIONS, RolloutFn, RunRecord, execute, load_callable, model_time, single_thread
 from .report import CheckResult, ConformanceReport
 
 __all__ = ["run_conformance", "rel_err", "INVARIANTS", "TIME_TOLERANCE"]
@@ -392,6 +392,8 @@ def run_conformance(
     Returns:
         A :class:`ConformanceReport`; ``report.passed`` is the verdict, ``print(report)``
         the per-invariant table, ``report.assert_passed()`` raises with it.
+
+    The run uses one CPU thread (restored afterwards): the tensors are tiny.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -410,6 +412,11 @@ def run_conformance(
             selected.append(pc)
     title = f"D-OPSD conformance: impl={name} convention={convention} space={space} dtype={ctx.dname}"
 
+    with single_thread():
+        return _run(ctx, title, spaces, selected)
+
+
+def _run(ctx: _Ctx, title: str, spaces: Sequence[str], selected: list[CaseId]) -> ConformanceReport:
     records: dict[CaseId, RunRecord] = {}
     errors: list[str] = []
     for c in selected:
