@@ -23,7 +23,7 @@ from .checks import NonFiniteLossError
 from .dopsd import dopsd_rollout_loss
 from .losses import Space, flow_matching_loss
 
-__all__ = ["StepConfig", "MicroBatch", "SFTMicroBatch", "StepResult", "dopsd_train_step", "sft_train_step"]
+__all__ = ["apply_gradients", "StepConfig", "MicroBatch", "SFTMicroBatch", "StepResult", "dopsd_train_step", "sft_train_step"]
 
 # model(x, sigma, context) -> velocity
 ContextModel = Callable[[Tensor, Tensor, Any], Tensor]
@@ -96,13 +96,18 @@ def _autocast(config: StepConfig, device: torch.device) -> contextlib.AbstractCo
     return torch.autocast(device_type=device.type, dtype=config.autocast_dtype)
 
 
-def _finish_step(
+def apply_gradients(
     params: list[Tensor],
     optimizer: torch.optim.Optimizer,
     config: StepConfig,
     after_step: Callable[[], None] | None,
-    step: int | None,
+    step: int | None = None,
 ) -> float:
+    """Clip, step the optimizer, zero the grads, then ``after_step()``; returns the grad norm.
+
+    Raises:
+        NonFiniteLossError: the gradient norm is NaN/inf (grads are zeroed, nothing applied).
+    """
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if not torch.isfinite(grad_norm):
@@ -167,7 +172,7 @@ def dopsd_train_step(
     except NonFiniteLossError as exc:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"optimizer step {step}: {exc}") from exc
-    grad_norm = _finish_step(params, optimizer, config, after_step, step)
+    grad_norm = apply_gradients(params, optimizer, config, after_step, step)
     return StepResult(
         loss=float(torch.stack(losses).mean()),
         per_step=torch.stack(per_steps).mean(dim=0),
@@ -199,5 +204,5 @@ def sft_train_step(
             raise NonFiniteLossError(f"SFT loss is {loss.item()} at optimizer step {step}")
         (loss * scale).backward()
         losses.append(loss.detach())
-    grad_norm = _finish_step(params, optimizer, config, after_step, step)
+    grad_norm = apply_gradients(params, optimizer, config, after_step, step)
     return StepResult(loss=float(torch.stack(losses).mean()), per_step=torch.zeros(0), grad_norm=grad_norm)

@@ -1,0 +1,161 @@
+"""Fine-tuning configuration: a frozen dataclass, loadable from JSON with CLI overrides.
+
+``python -m toy_models.finetune train --config my.json --lr 1e-3 --method sft`` reads
+``my.json`` (any subset of the fields below) and then applies the flags; every field is a
+flag of the same name. Unknown fields and ill-typed values are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+__all__ = ["FinetuneConfig", "METHODS", "load_config", "add_config_flags", "config_from_args"]
+
+METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run of the toy model.
+
+    Attributes:
+        method: "dopsd" (on-policy self-distillation), "sft" (flow matching on the targets),
+            "offpolicy" (teacher-graded, on noised targets), "sft_teacher" (flow matching on
+            the initial teacher's samples).
+        model: folder (or hub id) of the few-step model to fine-tune.
+        data: a built-in target set ("concept:ell", "style:hstripe", "domain:pastel") or a
+            folder with ``images/`` and ``captions.jsonl``.
+        num_targets: how many image–caption pairs a built-in set provides.
+        data_seed: seed of a built-in set.
+        steps, batch_size, lr, weight_decay, max_grad_norm: optimisation.
+        rollout_steps: K, the student's roll-out length (uniform grid).
+        space: D-OPSD loss space, "x0" or "velocity".
+        teacher: "ema", "frozen" or "live"; ema_decay: d.
+        grad_strategy: "per_step" or "single".
+        scope: "token_kv" (rare-token-local LoRA, default), "cross_attn" or "full".
+        lora_rank, lora_alpha, train_embedding: adapter shape.
+        teacher_route: how the teacher sees the target, "tokens" or "encoder".
+        seed: training seed; device: "auto", "cpu", "cuda", ...
+        ckpt_every: checkpoint period in steps (0: only at the end).
+        eval_every: evaluation period in steps for the curves (0: never).
+        eval_seeds: generation seeds per evaluation prompt.
+        out: run folder.
+    """
+
+    method: str = "dopsd"
+    model: str = "toy_models/weights/turbo4"
+    data: str = "concept:ell"
+    num_targets: int = 12
+    data_seed: int = 1234
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    rollout_steps: int = 4
+    space: str = "x0"
+    teacher: str = "ema"
+    ema_decay: float = 0.999
+    grad_strategy: str = "per_step"
+    scope: str = "token_kv"
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    train_embedding: bool = True
+    teacher_route: str = "tokens"
+    seed: int = 0
+    device: str = "auto"
+    ckpt_every: int = 50
+    eval_every: int = 0
+    eval_seeds: int = 3
+    out: str = "runs/finetune"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "method": (self.method in METHODS, f"one of {METHODS}"),
+            "space": (self.space in ("x0", "velocity"), "'x0' or 'velocity'"),
+            "teacher": (self.teacher in ("ema", "frozen", "live"), "'ema', 'frozen' or 'live'"),
+            "ema_decay": (0.0 <= self.ema_decay <= 1.0, "in [0, 1]"),
+            "grad_strategy": (self.grad_strategy in ("per_step", "single"), "'per_step' or 'single'"),
+            "scope": (self.scope in ("token_kv", "cross_attn", "full"), "'token_kv', 'cross_attn' or 'full'"),
+            "teacher_route": (self.teacher_route in ("tokens", "encoder"), "'tokens' or 'encoder'"),
+            "steps": (self.steps >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "rollout_steps": (self.rollout_steps >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "num_targets": (self.num_targets >= 1, ">= 1"),
+            "lora_rank": (self.lora_rank >= 1, ">= 1"),
+        }
+        for name, (ok, want) in checks.items():
+            if not ok:
+                raise ValueError(f"config field {name!r} must be {want}, got {getattr(self, name)!r}")
+
+    def replace(self, **changes: Any) -> "FinetuneConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, typ: type, value: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise ValueError(f"config field {name!r} must be a boolean, got {value!r}")
+    try:
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {name!r} must be {typ.__name__}, got {value!r}") from None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """Read a JSON config (any subset of fields), apply ``overrides``, validate.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: invalid JSON, an unknown field, or a value of the wrong type/range.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        try:
+            values = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {p} is not valid JSON: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {p} must hold a JSON object")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = get_type_hints(FinetuneConfig)
+    known = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+    return FinetuneConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one ``--<field>`` flag per config field (default: not given)."""
+    parser.add_argument("--config", help="JSON file with any subset of the config fields")
+    hints = get_type_hints(FinetuneConfig)
+    for f in fields(FinetuneConfig):
+        kind = hints[f.name]
+        parser.add_argument(
+            f"--{f.name}", dest=f.name, default=None, type=str if kind is bool else kind,
+            help=f"(default: {f.default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """Build the config from ``--config`` plus the flags that were given."""
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(FinetuneConfig)}
+    return load_config(getattr(args, "config", None), **overrides)

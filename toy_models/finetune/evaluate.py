@@ -1,0 +1,132 @@
+"""Evaluate a fine-tuned toy student at its native few-step setting, over several seeds.
+
+For a target set (e.g. the held-out L glyph under the rare token ``sks``) it measures:
+
+* ``concept_acc`` — share of samples of the *training* prompts the evaluator classifies as
+  the concept (shape ``ell`` / style ``hstripe`` / domain ``pastel``);
+* ``unseen_acc`` — the same on *held-out* prompts that recombine the concept with
+  attributes (colour × background) absent from the targets (generalization, CLIP-S analogue);
+* ``known_acc`` — on prompts of known shapes, the share drawn as the named shape (prior
+  knowledge, the GenEval analogue);
+* ``known_fid`` — toy-FID of known-prompt samples vs renders of the same prompts;
+* ``known_palette`` / ``concept_palette`` — palette distance of those samples (blur and
+  noise raise it; real renders sit near its floor).
+
+Every number is a mean over ``seeds`` generation seeds; per-seed values are kept so that
+methods can be compared by paired differences.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import dopsd_ref
+from toy_models import data as D
+from toy_models import vocab as V
+from toy_models.context import ToyContext
+from toy_models.finetune.targets import BUILTIN, TargetSet
+from toy_models.metrics import accuracy, palette_distance, toy_fid
+
+__all__ = ["EvalPrompts", "eval_prompts", "evaluate_student", "load_evaluator", "evaluate_run", "sample_prompts"]
+
+EVALUATOR_PATH = Path(__file__).resolve().parents[1] / "weights" / "toy-evaluator"
+StudentFn = Callable[[Tensor, Tensor, ToyContext], Tensor]
+
+
+@functools.lru_cache(maxsize=2)
+def load_evaluator(path: str = str(EVALUATOR_PATH)):
+    """The shipped toy evaluator (classifier + toy-FID features), loaded offline."""
+    from toy_models.evaluator import ToyEvaluator
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"evaluator weights {path} are missing (run toy_models.recipes.train_evaluator)")
+    return ToyEvaluator.from_pretrained(path).eval()
+
+
+@dataclass
+class EvalPrompts:
+    """Prompts (and the specs they describe) for one evaluation."""
+
+    train: list[str]
+    unseen: list[str]
+    known: list[str]
+    known_specs: list[D.Spec]
+    concept: str  # the evaluator head value that counts as "the concept"
+    head: str  # "shape", "style" or "domain"
+
+
+def eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed: int = 4321) -> EvalPrompts:
+    """Training prompts, held-out recombinations and known-concept prompts for a target set."""
+    name = targets.name if targets.name in BUILTIN else "concept:ell"
+    head, concept = {
+        "concept:ell": ("shape", V.NOVEL_SHAPE),
+        "style:hstripe": ("style", V.NOVEL_STYLE),
+        "domain:pastel": ("domain", "pastel"),
+    }[name]
+    spec_kw, cap_kw = BUILTIN[name]
+    seen = {(s.color, s.bg) for s in targets.specs} if targets.specs else set()
+    rng = np.random.default_rng(seed)
+    unseen: list[str] = []
+    while len(unseen) < n_unseen:
+        s = D.random_spec(rng, **spec_kw)
+        if (s.color, s.bg) not in seen or len(seen) >= len(V.COLORS) * len(V.BACKGROUNDS):
+            unseen.append(D.caption(s, **cap_kw))
+    domain = "pastel" if name == "domain:pastel" else "base"
+    known_specs = [D.random_spec(np.random.default_rng([seed, 1, i]), domain=domain) for i in range(n_known)]
+    return EvalPrompts(list(dict.fromkeys(targets.captions)), unseen, [D.caption(s) for s in known_specs],
+                       known_specs, concept, head)
+
+
+@torch.no_grad()
+def sample_prompts(student: StudentFn, prompts: Sequence[str], seed: int, steps: int = 4,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """One K-step sample per prompt from noise seeded by ``seed`` → [N, 3, 16, 16] on CPU."""
+    ctx = ToyContext(V.tokenize(list(prompts))).to(device)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), 3, 16, 16, generator=g).to(device)
+    x = dopsd_ref.euler_sample(lambda x, s: student(x, s, ctx), noise, dopsd_ref.uniform_sigmas(steps))
+    return x.clamp(-1, 1).cpu()
+
+
+def evaluate_student(student: StudentFn, prompts: EvalPrompts, evaluator=None, seeds: Sequence[int] = (0, 1, 2),
+                     steps: int = 4, device: torch.device | str = "cpu", per_seed: bool = False) -> dict[str, float]:
+    """Metrics of a student (see module doc), averaged over ``seeds``."""
+    ev = evaluator if evaluator is not None else load_evaluator()
+    real_known = D.render_batch(prompts.known_specs)
+    rows = []
+    for seed in seeds:
+        tr = sample_prompts(student, prompts.train, 1000 + seed, steps, device)
+        un = sample_prompts(student, prompts.unseen, 2000 + seed, steps, device)
+        kn = sample_prompts(student, prompts.known, 3000 + seed, steps, device)
+        p_tr, p_un, p_kn = ev.predict(tr)[prompts.head], ev.predict(un)[prompts.head], ev.predict(kn)["shape"]
+        domain = prompts.known_specs[0].domain
+        rows.append({
+            "concept_acc": accuracy(p_tr, [prompts.concept] * len(p_tr)),
+            "unseen_acc": accuracy(p_un, [prompts.concept] * len(p_un)),
+            "known_acc": accuracy(p_kn, [s.shape for s in prompts.known_specs]),
+            "known_fid": toy_fid(ev, kn, real_known),
+            "known_palette": palette_distance(kn, domain),
+            "concept_palette": palette_distance(torch.cat([tr, un]), domain),
+        })
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if per_seed:
+        out["per_seed"] = rows  # type: ignore[assignment]
+    return out
+
+
+def evaluate_run(run: str | Path, device: str = "cpu", seeds: int = 3, steps: int = 4) -> dict[str, float]:
+    """Evaluate a finished fine-tuning run folder (see ``python -m toy_models.finetune eval``)."""
+    from toy_models.finetune.targets import load_targets
+    from toy_models.finetune.train import load_finetuned
+
+    model, cfg = load_finetuned(run, device)
+    targets = load_targets(cfg.data, cfg.num_targets, cfg.data_seed)
+    dev = next(model.parameters()).device
+    return evaluate_student(model, eval_prompts(targets), seeds=range(seeds), steps=steps, device=dev)
