@@ -145,7 +145,7 @@ def tiny_qwen3_vl(tokenizer, seed: int = 1, spec: TinyQwen3Spec = TinyQwen3Spec(
         num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.head_dim,
         max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "mrope_section": mrope,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope,
                          "mrope_interleaved": True},
     )
     vision_config = dict(
