@@ -28,13 +28,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="loss space(s) to test (default: both; the cross-space invariant needs both)")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of models and noise (default: float32)")
     ap.add_argument("--device", default="cpu", help="device for the kit's models and noise (default: cpu)")
+    ap.add_argument("--frozen-teacher", action="store_true",
+                    help="hand the teacher over with requires_grad=False (default: trainable, so a missing "
+                         "no_grad/detach on the teacher shows up as teacher gradients)")
     ap.add_argument("--ema", help="EMA adapter 'package.module:function' with signature ema(teacher, student, decay)")
     args = ap.parse_args(argv)
     if not args.impl and not args.ema:
         ap.error("give --impl and/or --ema")
     ok = True
     if args.impl:
-        rep = run_conformance(args.impl, convention=args.convention, space=args.space, dtype=args.dtype, device=args.device)
+        rep = run_conformance(args.impl, convention=args.convention, space=args.space, dtype=args.dtype, device=args.device,
+                              frozen_teacher=args.frozen_teacher)
         print(rep.format())
         ok &= rep.passed
     if args.ema:

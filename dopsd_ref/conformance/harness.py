@@ -261,6 +261,8 @@ def execute(
     noise: Tensor,
     sigmas: Tensor,
     space: str,
+    *,
+    frozen_teacher: bool = False,
 ) -> RunRecord:
     """Run ``fn`` once on fresh gradients and record what it did.
 
@@ -270,6 +272,8 @@ def execute(
         student, teacher: σ-convention networks (the kit's golden fields).
         noise: [B, ...] start state in the run dtype. sigmas: [K] float64 grid.
         space: "x0" or "velocity".
+        frozen_teacher: hand the teacher over with ``requires_grad=False`` (default: True,
+            so that a missing stop-gradient shows up as teacher gradients).
 
     Raises:
         AdapterError: the return value has the wrong type, shape or is non-finite.
@@ -279,7 +283,7 @@ def execute(
     student.zero_grad(set_to_none=True)
     teacher.zero_grad(set_to_none=True)
     student.requires_grad_(True)
-    teacher.requires_grad_(True)  # an unfrozen teacher: gradients must be stopped by fn
+    teacher.requires_grad_(not frozen_teacher)  # unfrozen by default: fn must stop gradients
     s_probe = Probe(student, convention, "student", noise.shape)
     t_probe = Probe(teacher, convention, "teacher", noise.shape)
     noise_in, sigmas_in = noise.clone(), sigmas.clone()

@@ -75,6 +75,7 @@ class _Ctx:
     dname: str
     device: torch.device
     golden: Golden
+    frozen_teacher: bool = False
 
     def tol(self, quantity: str) -> float:
         return self.golden.tolerance(self.dname, quantity)
@@ -87,7 +88,8 @@ class _Ctx:
         if batch is not None:
             noise = noise[batch]
         noise = noise.to(device=self.device, dtype=self.dtype)
-        return execute(self.fn, self.convention, student, teacher, noise, self.golden.sigmas(case.schedule), case.space)
+        return execute(self.fn, self.convention, student, teacher, noise, self.golden.sigmas(case.schedule), case.space,
+                       frozen_teacher=self.frozen_teacher)
 
 
 def _describe(exc: BaseException) -> str:
@@ -265,7 +267,8 @@ def _property_suite(
     ok = e == 0.0
     results.append(CheckResult(
         "teacher_gets_no_gradient", "PASS" if ok else "FAIL", e, 0.0,
-        "max |∂loss/∂θ_teacher| (teacher parameters are handed over with requires_grad=True)"
+        "max |∂loss/∂θ_teacher| (teacher handed over with requires_grad="
+        + ("False)" if ctx.frozen_teacher else "True)")
         + ("" if ok else ": gradients flow into the teacher — call it under torch.no_grad() or detach its output"),
         where))
 
@@ -374,6 +377,7 @@ def run_conformance(
     device: str | torch.device = "cpu",
     golden: Golden | None = None,
     cases: Sequence[CaseId] | None = None,
+    frozen_teacher: bool = False,
 ) -> ConformanceReport:
     """Check a D-OPSD roll-out-loss implementation against the goldens and the property suite.
 
@@ -388,6 +392,11 @@ def run_conformance(
         golden: the golden set (default: the shipped one).
         cases: restrict the golden cases (default: all of ``space``). The property case
             (mlp/zimage4) is always included.
+        frozen_teacher: hand over the teacher with ``requires_grad=False``. By default its
+            parameters require grad, so that ``teacher_gets_no_gradient`` checks that the
+            implementation itself stops gradients (no_grad/detach), as D-OPSD specifies;
+            set this if your trainer relies on a frozen teacher instead (the check then
+            only catches gradients that still arrive).
 
     Returns:
         A :class:`ConformanceReport`; ``report.passed`` is the verdict, ``print(report)``
@@ -403,7 +412,7 @@ def run_conformance(
     impl: RolloutFn = load_callable(fn) if isinstance(fn, str) else fn
     tdtype = dtype_from_name(dtype)
     g = golden or load_golden()
-    ctx = _Ctx(impl, convention, tdtype, dtype_name(tdtype), torch.device(device), g)
+    ctx = _Ctx(impl, convention, tdtype, dtype_name(tdtype), torch.device(device), g, frozen_teacher)
     spaces = ("velocity", "x0") if space == "both" else (space,)
     selected = [c for c in (cases or all_cases()) if c.space in spaces]
     for sp in spaces:
@@ -411,6 +420,8 @@ def run_conformance(
         if pc not in selected:
             selected.append(pc)
     title = f"D-OPSD conformance: impl={name} convention={convention} space={space} dtype={ctx.dname}"
+    if frozen_teacher:
+        title += " (frozen teacher)"
 
     with single_thread():
         return _run(ctx, title, spaces, selected)
