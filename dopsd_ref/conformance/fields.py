@@ -33,6 +33,7 @@ __all__ = [
     "lcg_normal",
     "make_field_tensors",
     "make_noise",
+    "param_names",
 ]
 
 FieldKind = Literal["linear", "mlp"]
@@ -179,5 +180,3 @@ def build_field(
     mod: nn.Module = LinearField(ctx=ctx, **kw) if kind == "linear" else MLPField(ctx=ctx, **kw)
     return mod.to(device=device, dtype=dtype)
 
-
-__all__.append("param_names")

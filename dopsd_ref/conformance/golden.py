@@ -41,6 +41,8 @@ __all__ = [
     "Golden",
     "load_golden",
     "dtype_from_name",
+    "dtype_name",
+    "all_cases",
 ]
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
@@ -81,8 +83,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
 
 
-__all__.append("dtype_name")
-
 
 @dataclass(frozen=True)
 class CaseId:
@@ -104,8 +104,6 @@ def all_cases() -> list[CaseId]:
     """Every golden roll-out case, in a fixed order."""
     return [CaseId(f, s, sp) for f in FIELDS for s in SCHEDULES for sp in SPACES]
 
-
-__all__.append("all_cases")
 
 
 @dataclass(frozen=True)

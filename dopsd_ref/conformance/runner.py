@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..sampling import euler_sample
-from .golden import PROPERTY_CASE, SCHEDULES, CaseId, Golden, all_cases, dtype_from_name, dtype_name, load_golden
+from .golden import PROPERTY_CASE, CaseId, Golden, all_cases, dtype_from_name, dtype_name, load_golden
 from .harness import CONVENTIONS, RolloutFn, RunRecord, execute, load_callable, model_time, single_thread
 from .report import CheckResult, ConformanceReport
 

@@ -69,3 +69,11 @@ def test_teacher_rollout_leaves_student_states_correct() -> None:
     assert report["golden_states"].status == "PASS"
     assert report["states_match_plain_sampler"].status == "PASS"
     assert report["teacher_queried_on_student_states"].status == "FAIL"
+
+
+def test_frozen_teacher_option_changes_only_the_teacher_gradient_check() -> None:
+    """Invariant: by default the kit hands over a trainable teacher, so an implementation
+    that does not stop gradients at the teacher is named; with frozen_teacher=True the
+    teacher is frozen and the same code conforms (its student gradients were right)."""
+    assert run_conformance(G.teacher_receives_grad, space="x0").failed == ["teacher_gets_no_gradient"]
+    assert run_conformance(G.teacher_receives_grad, space="x0", frozen_teacher=True).passed

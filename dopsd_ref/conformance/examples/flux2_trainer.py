@@ -46,7 +46,11 @@ def dopsd_step(transformer: Callable[[Tensor, Tensor], Tensor], teacher: Callabl
 def rollout(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
     """Kit adapter: unpack tokens around the kit's models, hand the trainer scheduler timesteps."""
     h, w = noise.shape[-2:]
-    s = lambda tok, timestep: pack(student(unpack(tok, h, w), timestep=timestep))  # noqa: E731
-    t = lambda tok, timestep: pack(teacher(unpack(tok, h, w), timestep=timestep))  # noqa: E731
-    loss, per_step, states = dopsd_step(s, t, pack(noise), sigmas * 1000.0, space)
-    return loss, per_step, torch.stack([unpack(x, h, w) for x in states])
+
+    def as_transformer(model):  # the kit's model: (x [B,C,H,W], timestep=σ) -> v
+        return lambda tokens, timestep: pack(model(unpack(tokens, h, w), timestep=timestep))
+
+    loss, per_step, token_states = dopsd_step(
+        as_transformer(student), as_transformer(teacher), pack(noise), sigmas * 1000.0, space)
+    states = torch.stack([unpack(x, h, w) for x in token_states])
+    return loss, per_step, states
