@@ -386,10 +386,16 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
     ap.add_argument("--config", required=True, help="YAML/JSON run config (see paper_repro/configs)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints/latest in output_dir")
+    ap.add_argument("--dump-rank-params", action="store_true",
+                    help="after training, every rank writes its trainable + teacher tensors to "
+                         "output_dir/rank<r>_params.pt (to verify that ranks stay identical)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     trainer = DOPSDTrainer(cfg)
     trainer.run(resume=not args.no_resume)
+    if args.dump_rank_params:
+        trainer.out.mkdir(parents=True, exist_ok=True)
+        torch.save(trainer._trainable_state(), trainer.out / f"rank{trainer.acc.process_index}_params.pt")
     return trainer
 
 
