@@ -77,3 +77,29 @@ def test_frozen_teacher_option_changes_only_the_teacher_gradient_check() -> None
     teacher is frozen and the same code conforms (its student gradients were right)."""
     assert run_conformance(G.teacher_receives_grad, space="x0").failed == ["teacher_gets_no_gradient"]
     assert run_conformance(G.teacher_receives_grad, space="x0", frozen_teacher=True).passed
+
+
+def test_adapter_misuse_is_reported_with_a_clear_message() -> None:
+    """Invariant: an adapter that calls the kit's model outside the documented signature
+    (extra context argument, packed tokens instead of [B, C, H, W]) is reported as an
+    ERROR of returns_well_formed whose message says what to fix — the kit never crashes."""
+
+    def passes_context(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
+        return G.rollout(lambda x, s: student(x, s, "caption"), teacher, noise, sigmas, space)
+
+    def passes_tokens(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
+        return G.rollout(lambda x, s: student(x.flatten(2).transpose(1, 2), s), teacher, noise, sigmas, space)
+
+    r1 = run_conformance(passes_context, space="x0")
+    assert r1.failed == ["returns_well_formed"] and "bind contexts" in r1["returns_well_formed"].detail
+    r2 = run_conformance(passes_tokens, space="x0")
+    assert r2.failed == ["returns_well_formed"] and "unpack" in r2["returns_well_formed"].detail
+
+
+def test_kit_restores_the_thread_setting() -> None:
+    """Invariant: the kit runs single-threaded but leaves torch's thread count as it found it."""
+    import torch
+
+    before = torch.get_num_threads()
+    run_conformance(G.correct, space="velocity")
+    assert torch.get_num_threads() == before
