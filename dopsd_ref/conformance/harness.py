@@ -19,7 +19,7 @@ The **adapter signature** every implementation is wrapped into::
   The student's parameters require grad. So do the teacher's — deliberately, as an unfrozen
   teacher adapter would: a conforming implementation stops gradients at the teacher.
 * ``noise``: the start state at σ = 1, [B, C, H, W], in the run dtype.
-* ``sigmas``: the float64 σ grid [K] (σ_1 = 1 > … > σ_K > 0, terminal 0 implied) — what the
+* ``sigmas``: the float64 CPU σ grid [K] (σ_1 = 1 > … > σ_K > 0, terminal 0 implied) — what the
   schedulers of both Z-Image and FLUX.2 pipelines hold; convert to model time yourself.
 * ``space``: ``"x0"`` or ``"velocity"``.
 
