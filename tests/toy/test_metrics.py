@@ -1,0 +1,48 @@
+"""Metrics: Fréchet distance properties, palette distance, copy IoU."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from toy_models import data as D
+from toy_models import metrics as M
+
+FAST = settings(max_examples=20, deadline=None, derandomize=True)
+
+
+@FAST
+@given(st.integers(0, 10_000), st.floats(-3, 3))
+def test_frechet_identity_symmetry_shift(seed, shift):
+    """FD(f, f) = 0; FD is symmetric; shifting one set by a constant vector c adds |c|²."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(300, 6, generator=g)
+    b = torch.randn(300, 6, generator=g) * 1.3
+    assert abs(M.frechet_distance(a, a)) < 1e-8
+    assert abs(M.frechet_distance(a, b) - M.frechet_distance(b, a)) < 1e-6
+    c = torch.full((6,), shift)
+    assert abs(M.frechet_distance(a, a + c) - 6 * shift**2) < 1e-5 * (1 + 6 * shift**2)
+
+
+def test_frechet_matches_closed_form_gaussians():
+    """For diagonal covariances FD = |Δμ|² + Σ (σ1 − σ2)²."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200_000, 2, generator=g) * torch.tensor([1.0, 2.0])
+    b = torch.randn(200_000, 2, generator=g) * torch.tensor([3.0, 1.0]) + torch.tensor([1.0, 0.0])
+    assert abs(M.frechet_distance(a, b) - (1 + 4 + 1)) < 0.1
+
+
+def test_palette_distance_grows_with_noise_and_blur():
+    """Clean renders are near the palette; noise and blur both move pixels off it."""
+    x = D.render_batch(D.specs(0, 64))
+    clean = M.palette_distance(x)
+    noisy = M.palette_distance((x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1))
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    assert clean < 0.04
+    assert noisy > 2 * clean and M.palette_distance(blur) > 1.5 * clean
+
+
+def test_copy_iou():
+    """Real renders of a glyph match their own coverage well, and a shifted glyph does not."""
+    sp = D.specs(1, 32, shapes=("glyph",))
+    x = D.render_batch(sp)
+    assert M.copy_iou(x, sp) > 0.75
+    assert M.copy_iou(torch.roll(x, 5, dims=3), sp) < 0.5
