@@ -31,3 +31,13 @@ def flux2_pipe():
     from paper_repro.tiny import tiny_flux2_klein_pipeline
 
     return tiny_flux2_klein_pipeline(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps a process-wide singleton; each test builds its own Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -25,7 +25,6 @@ from tests.repro.helpers import make_folder
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(300)
 def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
