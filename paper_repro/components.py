@@ -58,7 +58,7 @@ def load_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> Com
     comps = Components(cfg.backbone, pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipeline_cls)
     for m in (comps.vae, comps.text_encoder, comps.transformer):
         m.to(device=device, dtype=dtype).requires_grad_(False).eval()
-    if cfg.backbone == "zimage":
+    if cfg.backbone == "zimage" or cfg.flux2_teacher == "vlm":
         if cfg.tiny:
             from . import tiny
 
@@ -72,5 +72,10 @@ def load_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> Com
             image_processor, vl_tokenizer = proc.image_processor, proc.tokenizer
         comps.vlm_report = load_lm_from_text_encoder(vlm, comps.text_encoder, min_match=cfg.vlm_min_match)
         vlm.to(device=device, dtype=dtype).requires_grad_(False).eval()
-        comps.vlm_context = HybridVLMContext(vlm, vl_tokenizer, image_processor)
+        if cfg.backbone == "zimage":
+            comps.vlm_context = HybridVLMContext(vlm, vl_tokenizer, image_processor)
+        else:  # FLUX.2 VLM route: stacked layers, padded like klein's text path
+            comps.vlm_context = HybridVLMContext(vlm, vl_tokenizer, image_processor, max_length=cfg.max_sequence_length,
+                                                 hidden_layers=tuple(cfg.flux2_text_layers),
+                                                 pad_to=cfg.max_sequence_length)
     return comps

@@ -32,6 +32,8 @@ class ModelConfig:
         max_sequence_length: text tokens for the student context.
         flux2_text_layers: hidden-state layers stacked into the FLUX.2 prompt embeddings.
         teacher_instruction: appended to the teacher's prompt (FLUX.2 editing branch only).
+        flux2_teacher: "editing" (reference-image tokens, the released post-paper variant) or
+            "vlm" (hybrid Qwen3-VL context with the text encoder's LM, FLUX.2's stacked layers).
     """
 
     backbone: str = "zimage"
@@ -45,8 +47,11 @@ class ModelConfig:
     max_sequence_length: int = 512
     flux2_text_layers: tuple[int, ...] = (9, 18, 27)
     teacher_instruction: str = ""
+    flux2_teacher: str = "editing"
 
     def __post_init__(self) -> None:
+        if self.flux2_teacher not in ("editing", "vlm"):
+            raise ValueError(f"model.flux2_teacher must be 'editing' or 'vlm', got {self.flux2_teacher!r}")
         if self.backbone not in ("zimage", "flux2"):
             raise ValueError(f"model.backbone must be 'zimage' or 'flux2', got {self.backbone!r}")
         if not self.tiny and not self.pretrained:

@@ -171,7 +171,12 @@ class HybridVLMContext:
         image_processor: the Qwen2/3-VL image processor (patch, merge and pixel budget).
         max_length: token budget (1024 in the released code); exceeding it is an error since
             truncation would cut image tokens.
-        hidden_layer: which hidden state (−2, as the text path).
+        hidden_layer: which hidden state (−2, as the Z-Image text path).
+        hidden_layers: if set, stack these hidden states along features instead (the FLUX.2
+            text path: layers (9, 18, 27) -> ``(B, L, 3·D)``).
+        pad_to: if set, pad every sequence with the tokenizer's pad token to this length and
+            return a ``(B, pad_to, ·)`` tensor *including* the padding positions (FLUX.2's text
+            path keeps them); otherwise padding is stripped and a ragged list is returned.
     """
 
     vlm: nn.Module
@@ -179,6 +184,8 @@ class HybridVLMContext:
     image_processor: object
     max_length: int = 1024
     hidden_layer: int = -2
+    hidden_layers: tuple[int, ...] | None = None
+    pad_to: int | None = None
     image_token: str = field(default="<|image_pad|>")
 
     def _text(self, prompt: str, num_image_tokens: int) -> str:
@@ -203,10 +210,15 @@ class HybridVLMContext:
         merge = int(getattr(self.image_processor, "merge_size", 2))
         n_tokens = (proc["image_grid_thw"].prod(-1) // merge**2).tolist()
         texts = [self._text(p, int(n)) for p, n in zip(prompts, n_tokens)]
-        enc = self.tokenizer(texts, padding="longest", return_tensors="pt")
-        if enc.input_ids.shape[1] > self.max_length:
-            raise ValueError(f"teacher context needs {enc.input_ids.shape[1]} tokens > max_length={self.max_length}; "
+        longest = max(len(self.tokenizer(t).input_ids) for t in texts)
+        limit = min(self.max_length, self.pad_to) if self.pad_to else self.max_length
+        if longest > limit:
+            raise ValueError(f"teacher context needs {longest} tokens > limit {limit}; "
                              "lower the processor's max_pixels or shorten the prompt")
+        if self.pad_to:
+            enc = self.tokenizer(texts, padding="max_length", max_length=self.pad_to, return_tensors="pt")
+        else:
+            enc = self.tokenizer(texts, padding="longest", return_tensors="pt")
         mask = enc.attention_mask.to(device).bool()
         image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         mm_types = (enc.input_ids == image_id).long()  # 1 = image token, 0 = text (as the processor returns)
@@ -216,5 +228,10 @@ class HybridVLMContext:
             pixel_values=proc["pixel_values"].to(device, next(self.vlm.parameters()).dtype),
             image_grid_thw=proc["image_grid_thw"].to(device), output_hidden_states=True, use_cache=False,
         )
-        hidden = out.hidden_states[self.hidden_layer]
+        if self.hidden_layers:
+            hidden = torch.cat([out.hidden_states[k] for k in self.hidden_layers], dim=-1)
+        else:
+            hidden = out.hidden_states[self.hidden_layer]
+        if self.pad_to:
+            return hidden
         return [hidden[i][mask[i]] for i in range(hidden.shape[0])]

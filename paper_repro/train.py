@@ -153,6 +153,10 @@ class DOPSDTrainer:
         else:
             emb_s = flux2_text_context(comps.text_encoder, comps.tokenizer, prompts, m.flux2_text_layers,
                                        m.max_sequence_length, self.device)
+            if m.flux2_teacher == "vlm":
+                student = Flux2Velocity(self.model, emb_s, h, w)
+                teacher_inner = Flux2Velocity(teacher_net, comps.vlm_context(prompts, images), h, w)
+                return self._with_teacher_adapter(student, teacher_inner)
             t_prompts = [(p + " " + m.teacher_instruction).strip() for p in prompts]
             emb_t = emb_s if t_prompts == list(prompts) else flux2_text_context(
                 comps.text_encoder, comps.tokenizer, t_prompts, m.flux2_text_layers, m.max_sequence_length, self.device)
@@ -163,6 +167,10 @@ class DOPSDTrainer:
             student = Flux2Velocity(self.model, emb_s, h, w)
             teacher_inner = Flux2Velocity(teacher_net, emb_t, h, w, reference=ref)
 
+        return self._with_teacher_adapter(student, teacher_inner)
+
+    def _with_teacher_adapter(self, student: VelocityFn, teacher_inner: VelocityFn) -> tuple[VelocityFn, VelocityFn]:
+        """Run the teacher with the EMA weights: the "teacher" LoRA, or the full EMA copy."""
         if self.teacher_module is not None:
             return student, teacher_inner
 

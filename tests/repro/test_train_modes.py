@@ -57,3 +57,27 @@ def test_full_parameter_mode_trains_all_weights_and_ema_copy_follows(tmp_path):
     d = tr.cfg.train.ema_decay
     for k in s0:
         torch.testing.assert_close(t1[k].detach() - t0[k], (1 - d) * (s1[k].detach() - s0[k]), atol=1e-7, rtol=1e-5)
+
+
+def test_flux2_vlm_teacher_route_and_sample_grid(tmp_path):
+    """FLUX.2 with the hybrid-VLM teacher: stacked layers, padded like klein's text path; the
+    teacher context has the student's shape and differs from it (the image is seen); a sample
+    grid PNG is written."""
+    from PIL import Image
+
+    from paper_repro.contexts import flux2_text_context
+    from paper_repro.train import DOPSDTrainer
+
+    tr = DOPSDTrainer(tiny_config("flux2", make_folder(tmp_path / "data"), tmp_path / "run", flux2_teacher="vlm",
+                                  sample_prompts=("a photo of sks dog", "red cat")))
+    assert tr.comps.vlm_report is not None and tr.comps.vlm_report.fraction == 1.0
+    img, cap = tr.dataset.load(0)
+    t_ctx = tr.comps.vlm_context([cap], [img])
+    s_ctx = flux2_text_context(tr.comps.text_encoder, tr.comps.tokenizer, [cap], (1, 2, 3), 48)
+    assert t_ctx.shape == s_ctx.shape == (1, 48, 96)
+    assert (t_ctx - s_ctx).abs().max() > 1e-4
+    m = tr.train_step()
+    assert m["grad_norm"] > 0
+    path = tr.sample_grid()
+    grid = Image.open(path)
+    assert grid.size[0] == 2 * grid.size[1]  # two prompts side by side
