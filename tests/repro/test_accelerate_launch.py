@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.repro.helpers import make_folder
+from .helpers import make_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 

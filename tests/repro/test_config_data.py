@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.repro.helpers import make_folder
+from .helpers import make_folder
 
 CONFIGS = Path(__file__).resolve().parents[2] / "paper_repro" / "configs"
 

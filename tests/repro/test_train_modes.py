@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dopsd_ref.lora import STUDENT, lora_parameters
-from tests.repro.helpers import make_folder, tiny_config
+from .helpers import make_folder, tiny_config
 
 
 def test_per_step_and_single_backward_give_the_same_update(tmp_path):

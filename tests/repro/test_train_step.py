@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dopsd_ref.lora import STUDENT, TEACHER, lora_parameters
-from tests.repro.helpers import make_folder, tiny_config
+from .helpers import make_folder, tiny_config
 
 
 def _snapshot(model):
