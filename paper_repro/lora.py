@@ -106,15 +106,17 @@ def missing_lora(model: nn.Module, names: list[str], adapter: str = "student") -
     return [n for n in names if not (isinstance(mods.get(n), LoraLayer) and adapter in mods[n].lora_A)]
 
 
-def student_lora_state_dict(model: nn.Module, adapter: str = "student") -> dict[str, torch.Tensor]:
+def student_lora_state_dict(model: nn.Module | dict[str, torch.Tensor], adapter: str = "student") -> dict[str, torch.Tensor]:
     """LoRA tensors of one adapter with diffusers/peft key names (``...lora_A.weight``).
 
     Works for models with injected adapters (``peft.inject_adapter_in_model``) that have no
     ``peft_config`` attribute: keys ``<module>.lora_A.<adapter>.weight`` become
-    ``<module>.lora_A.weight``.
+    ``<module>.lora_A.weight``. Accepts a module or a (gathered) state dict, e.g.
+    ``accelerator.get_state_dict(model)`` under FSDP.
     """
+    items = model.items() if isinstance(model, dict) else model.named_parameters()
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
+    for name, p in items:
         parts = name.split(".")
         if adapter in parts and any(x.startswith("lora_") for x in parts):
             parts.remove(adapter)
@@ -125,7 +127,7 @@ def student_lora_state_dict(model: nn.Module, adapter: str = "student") -> dict[
     return out
 
 
-def save_lora_for_pipeline(model: nn.Module, pipeline_cls, directory: str | Path, spec: LoraSpec, backbone: str,
+def save_lora_for_pipeline(model: nn.Module | dict[str, torch.Tensor], pipeline_cls, directory: str | Path, spec: LoraSpec, backbone: str,
                            adapter: str = "student", is_main_process: bool = True) -> Path:
     """Write the adapter as ``pytorch_lora_weights.safetensors`` readable by ``pipe.load_lora_weights``.
 

@@ -89,6 +89,10 @@ class DOPSDTrainer:
         if self.is_deepspeed and (t.grad_strategy != "single" or t.grad_accum != 1):
             raise ValueError("DeepSpeed runs its own backward/step: set train.grad_strategy=single and "
                              "train.grad_accum=1 (scale the global batch with processes x batch_size)")
+        self._sharded = self.is_deepspeed or self.acc.distributed_type == DistributedType.FSDP
+        if t.mode == "full" and self.acc.distributed_type == DistributedType.FSDP:
+            raise ValueError("train.mode=full keeps an unsharded EMA copy of the transformer, which does not match "
+                             "FSDP's sharded student: use DDP or DeepSpeed ZeRO-2 for full fine-tuning")
         set_seed(t.seed)
         self.out = Path(cfg.output_dir)
         self.device = self.acc.device
@@ -119,6 +123,16 @@ class DOPSDTrainer:
         opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.model, self.optimizer = self.acc.prepare(tr, opt)
         self.unwrapped = self.acc.unwrap_model(self.model)
+        ema_tensors = (list(lora_parameters(self.unwrapped, TEACHER).values()) if self.teacher_module is None
+                       else list(self.teacher_module.parameters()))
+        low = {str(p.dtype) for p in ema_tensors if p.dtype != torch.float32}
+        if low:
+            import warnings
+
+            warnings.warn(f"EMA teacher tensors are {sorted(low)}, not float32: with ema_decay={t.ema_decay} the "
+                          "per-step update (1 - d)*delta is mostly below their resolution and the teacher may not "
+                          "move (e.g. DeepSpeed bf16 casts the whole model); keep the teacher in float32",
+                          stacklevel=2)
 
         # --- data --------------------------------------------------------------------------
         vsf = 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
@@ -255,11 +269,11 @@ class DOPSDTrainer:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, tmp / f"rng-rank{self.acc.process_index}.pt")
-        if self.is_deepspeed or self.acc.distributed_type.name.startswith("FSDP"):
-            self.acc.save_state(str(tmp / "accelerate_state"))  # sharded model/optimizer states
+        if self._sharded:
+            self.acc.save_state(str(tmp / "accelerate_state"))  # sharded model (incl. teacher LoRA) + optimizer
         if self.acc.is_main_process:
             torch.save(self._trainable_state(), tmp / "trainable.pt")
-            if not (self.is_deepspeed or self.acc.distributed_type.name.startswith("FSDP")):
+            if not self._sharded:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": self.acc.num_processes}))
         self.acc.wait_for_everyone()
@@ -288,11 +302,14 @@ class DOPSDTrainer:
         if state["num_processes"] != self.acc.num_processes:
             raise ValueError(f"checkpoint {path} was written with {state['num_processes']} processes, "
                              f"this run has {self.acc.num_processes}: data order would differ")
-        if (path / "accelerate_state").exists():
+        sharded_state = (path / "accelerate_state").exists()
+        if sharded_state:
             self.acc.load_state(str(path / "accelerate_state"))
         train = torch.load(path / "trainable.pt", map_location="cpu", weights_only=False)
         with torch.no_grad():
-            if self.teacher_module is None:
+            if sharded_state and self.teacher_module is None:
+                pass  # student and teacher LoRA are model parameters: restored by load_state
+            elif self.teacher_module is None:
                 for adapter in (STUDENT, TEACHER):
                     params = lora_parameters(self.unwrapped, adapter)
                     for k, v in train[adapter if adapter == STUDENT else "teacher"].items():
@@ -318,10 +335,12 @@ class DOPSDTrainer:
             if self.acc.is_main_process:
                 self.unwrapped.save_pretrained(self.out / "transformer")
             return None
+        # get_state_dict gathers sharded (FSDP) tensors; for DDP/single it is the plain state dict.
+        sd = self.acc.get_state_dict(self.model) if self._sharded else self.unwrapped
         if self.acc.is_main_process:
-            save_lora_for_pipeline(self.unwrapped, self.comps.pipeline_cls, self.out / "lora", self.lora_spec,
+            save_lora_for_pipeline(sd, self.comps.pipeline_cls, self.out / "lora", self.lora_spec,
                                    self.cfg.model.backbone, STUDENT)
-            save_lora_for_pipeline(self.unwrapped, self.comps.pipeline_cls, self.out / "lora_teacher",
+            save_lora_for_pipeline(sd, self.comps.pipeline_cls, self.out / "lora_teacher",
                                    self.lora_spec, self.cfg.model.backbone, TEACHER)
         self.acc.wait_for_everyone()
         return self.out / "lora"
