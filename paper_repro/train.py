@@ -107,6 +107,12 @@ class DOPSDTrainer:
             self.lora_spec = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets)
             self.intended = intended_modules(tr, targets)
             add_student_teacher_lora(tr, make_lora_config(backbone, self.lora_spec))
+            # peft creates the adapters in the base weights' dtype (bf16 for real runs); AdamW and
+            # the 0.9999 EMA need float32 tensors (peft casts activations to the adapter dtype).
+            with torch.no_grad():
+                for adapter in (STUDENT, TEACHER):
+                    for p in lora_parameters(tr, adapter).values():
+                        p.data = p.data.float()
             for adapter in (STUDENT, TEACHER):
                 missing = missing_lora(tr, self.intended, adapter)
                 if missing:

@@ -31,14 +31,19 @@ def test_per_step_and_single_backward_give_the_same_update(tmp_path):
 
 
 def test_bf16_autocast_with_gradient_checkpointing(tmp_path):
+    """bf16 frozen weights (as real runs load them) + bf16 autocast + checkpointing: the LoRA
+    tensors are float32 (AdamW and the 0.9999 EMA would stall in bf16) and the step is finite."""
+    from dopsd_ref.lora import TEACHER
     from paper_repro.train import DOPSDTrainer
 
-    tr = DOPSDTrainer(tiny_config("flux2", make_folder(tmp_path / "data"), tmp_path / "run",
+    tr = DOPSDTrainer(tiny_config("flux2", make_folder(tmp_path / "data"), tmp_path / "run", weight_dtype="bfloat16",
                                   mixed_precision="bf16", gradient_checkpointing=True))
     assert tr.unwrapped.gradient_checkpointing
+    assert tr.unwrapped.x_embedder.weight.dtype == torch.bfloat16
     m = tr.train_step()
     assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
-    assert all(p.dtype == torch.float32 for p in lora_parameters(tr.unwrapped, STUDENT).values())
+    for adapter in (STUDENT, TEACHER):
+        assert all(p.dtype == torch.float32 for p in lora_parameters(tr.unwrapped, adapter).values())
 
 
 def test_full_parameter_mode_trains_all_weights_and_ema_copy_follows(tmp_path):
