@@ -8,8 +8,6 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-# Tiny models: one intra-op thread is much faster than two contending threads on a shared CPU.
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +32,17 @@ def flux2_pipe():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps a process-wide singleton; each test builds its own Accelerator."""
+def _fresh_accelerate_state_one_thread():
+    """accelerate keeps a process-wide singleton; each test builds its own Accelerator.
+
+    Tiny models run several times faster with one intra-op thread than with two contending
+    threads on a shared CPU; the previous setting is restored for the rest of the suite.
+    """
     from accelerate.state import AcceleratorState
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)
