@@ -103,3 +103,29 @@ def test_saved_lora_loads_into_pipeline_and_reproduces_student(tmp_path):
                   height=8, width=8, output_type="latent").images
     assert (ours - base).abs().max() > 1e-4, "training did not change the output; the test would be vacuous"
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_saved_flux2_lora_loads_into_klein_pipeline_and_reproduces_student(tmp_path):
+    """Same for FLUX.2-klein: double- and single-stream LoRA keys load through Flux2LoraLoaderMixin."""
+    from dopsd_ref.sampling import euler_sample
+    from paper_repro.adapters import Flux2Velocity, flux2_pack, flux2_packed_to_pipeline_latents
+    from paper_repro.grids import flux2_grid
+    from paper_repro.tiny import tiny_flux2_klein_pipeline
+    from paper_repro.train import DOPSDTrainer
+
+    tr = DOPSDTrainer(tiny_config("flux2", make_folder(tmp_path / "data"), tmp_path / "run", lr=5e-2))
+    tr.train_step()
+    tr.train_step()
+    path = tr.save_lora()
+    emb = torch.randn(1, 6, 96, generator=torch.Generator().manual_seed(0))
+    n4 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    tr.unwrapped.eval()
+    pipe = tiny_flux2_klein_pipeline(seed=0)
+    ours = euler_sample(Flux2Velocity(tr.unwrapped, emb, 4, 4), flux2_pack(n4), flux2_grid(3, 16).float())
+    ours = flux2_packed_to_pipeline_latents(ours, 4, 4, pipe.vae)
+    kw = dict(prompt_embeds=emb, num_inference_steps=3, guidance_scale=1.0, height=8, width=8, output_type="latent")
+    base = pipe(latents=n4.clone(), **kw).images
+    pipe.load_lora_weights(str(path))
+    loaded = pipe(latents=n4.clone(), **kw).images
+    assert (ours - base).abs().max() > 1e-5, "training did not change the output; the test would be vacuous"
+    torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)
