@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from toy_models import data as D
+from toy_models import metrics as M
 from toy_models import vocab as V
 from toy_models.concepts import concept_captions, concept_specs
 from toy_models.context import ToyContext
@@ -65,9 +67,8 @@ def run(n: int, seed: int, sft_steps: int, sft_lr: float, sft_targets: int, skip
     known = D.specs(seed, n)
     real = real_known(n, seed + 777)
     res: dict = {"n": n, "seed": seed, "targets": TARGETS}
-    res["real_vs_real_toy_fid"] = round(
-        float(__import__("toy_models.metrics", fromlist=["x"]).toy_fid(ev, D.render_batch(D.specs(seed + 778, n)), real)), 3)
-    res["real_palette"] = round(__import__("toy_models.metrics", fromlist=["x"]).palette_distance(D.render_batch(known)), 4)
+    res["real_vs_real_toy_fid"] = round(M.toy_fid(ev, D.render_batch(D.specs(seed + 778, n)), real), 3)
+    res["real_palette"] = round(M.palette_distance(D.render_batch(known)), 4)
 
     print("== text-only known concepts")
     res["text_only"] = {
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a.n, a.seed, a.sft_steps, a.sft_lr, a.sft_targets, a.skip_sft)
-    res["command"] = "python -m toy_models.acceptance " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    res["command"] = "python -m toy_models.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(Path(a.out), res)
     print(json.dumps(res["checks"], indent=1))
     if a.write_cards:
