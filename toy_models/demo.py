@@ -30,7 +30,6 @@ from toy_models.finetune.evaluate import EvalPrompts, eval_prompts, evaluate_stu
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import load_model, resolve_device, run_finetune
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
 METRICS = [
     ("concept_acc", "concept acc ↑ (train prompts)"),
     ("unseen_acc", "concept acc ↑ (unseen prompts)"),
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, default=3, help="generation seeds per evaluation")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--device", default="auto")
-    p.add_argument("--model", default=str(WEIGHTS / "toy-dit-turbo4"))
+    p.add_argument("--model", default="toy-dit-turbo4", help="shipped model name or folder")
     p.add_argument("--out", default="outputs/demo")
     args = p.parse_args(argv)
     t0 = time.time()

@@ -122,3 +122,27 @@ def test_config_errors_name_the_field(tmp_path):
     bad.write_text("{oops")
     with pytest.raises(ValueError, match="bad.json"):
         load_config(bad)
+
+
+def test_targets_builtin_folder_and_eval_prompts(tmp_path):
+    """Built-in target sets are deterministic and name the concept with the rare token; a
+    user folder loads the same pairs; held-out evaluation prompts recombine the concept with
+    colour × background pairs absent from the targets."""
+    from toy_models.finetune.evaluate import eval_prompts
+    from toy_models.finetune.targets import load_targets
+    from toy_models.folder import write_pair_folder
+
+    a, b = load_targets("concept:ell", 6, 3), load_targets("concept:ell", 6, 3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert all(V.SHAPE_TOKEN in c.split() for c in a.captions)
+    write_pair_folder(tmp_path / "pairs", a.images, a.captions)
+    f = load_targets(str(tmp_path / "pairs"))
+    assert f.captions == a.captions and torch.allclose(f.images, a.images, atol=1 / 127)
+    p = eval_prompts(a, n_unseen=5, n_known=4)
+    seen = {(s.color, s.bg) for s in a.specs}
+    assert len(p.unseen) == 5 and all(V.SHAPE_TOKEN in u for u in p.unseen)
+    for u in p.unseen:
+        words = u.split()
+        assert (words[1], words[-1]) not in seen
+    with pytest.raises(FileNotFoundError, match="neither a built-in set"):
+        load_targets(str(tmp_path / "nope"))

@@ -27,7 +27,8 @@ class FinetuneConfig:
         method: "dopsd" (on-policy self-distillation), "sft" (flow matching on the targets),
             "offpolicy" (teacher-graded, on noised targets), "sft_teacher" (flow matching on
             the initial teacher's samples).
-        model: folder (or hub id) of the few-step model to fine-tune.
+        model: folder of the few-step model to fine-tune, or a shipped name
+            ("toy-dit-turbo4", "toy-dit-base").
         data: a built-in target set ("concept:ell", "style:hstripe", "domain:pastel") or a
             folder with ``images/`` and ``captions.jsonl``.
         num_targets: how many image–caption pairs a built-in set provides.
@@ -48,7 +49,7 @@ class FinetuneConfig:
     """
 
     method: str = "dopsd"
-    model: str = "toy_models/weights/turbo4"
+    model: str = "toy-dit-turbo4"
     data: str = "concept:ell"
     num_targets: int = 12
     data_seed: int = 1234

@@ -30,24 +30,22 @@ from torch import Tensor
 import dopsd_ref
 from toy_models import data as D
 from toy_models import vocab as V
+from toy_models.concepts import concept_captions, concept_specs
 from toy_models.context import ToyContext
 from toy_models.finetune.targets import BUILTIN, TargetSet
 from toy_models.metrics import accuracy, palette_distance, toy_fid
 
 __all__ = ["EvalPrompts", "eval_prompts", "evaluate_student", "load_evaluator", "evaluate_run", "sample_prompts"]
 
-EVALUATOR_PATH = Path(__file__).resolve().parents[1] / "weights" / "toy-evaluator"
 StudentFn = Callable[[Tensor, Tensor, ToyContext], Tensor]
 
 
 @functools.lru_cache(maxsize=2)
-def load_evaluator(path: str = str(EVALUATOR_PATH)):
-    """The shipped toy evaluator (classifier + toy-FID features), loaded offline."""
-    from toy_models.evaluator import ToyEvaluator
+def load_evaluator(path: str | None = None):
+    """The shipped toy evaluator (classifier + toy-FID features), loaded offline, cached."""
+    from toy_models import hub
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"evaluator weights {path} are missing (run toy_models.recipes.train_evaluator)")
-    return ToyEvaluator.from_pretrained(path).eval()
+    return hub.load_evaluator(path)
 
 
 @dataclass
@@ -70,14 +68,15 @@ def eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed
         "style:hstripe": ("style", V.NOVEL_STYLE),
         "domain:pastel": ("domain", "pastel"),
     }[name]
-    spec_kw, cap_kw = BUILTIN[name]
+    concept_name = BUILTIN[name]
     seen = {(s.color, s.bg) for s in targets.specs} if targets.specs else set()
-    rng = np.random.default_rng(seed)
     unseen: list[str] = []
+    i = 0
     while len(unseen) < n_unseen:
-        s = D.random_spec(rng, **spec_kw)
+        s = concept_specs(concept_name, 1, seed + 7919 * i)[0]
+        i += 1
         if (s.color, s.bg) not in seen or len(seen) >= len(V.COLORS) * len(V.BACKGROUNDS):
-            unseen.append(D.caption(s, **cap_kw))
+            unseen.append(concept_captions(concept_name, [s])[0])
     domain = "pastel" if name == "domain:pastel" else "base"
     known_specs = [D.random_spec(np.random.default_rng([seed, 1, i]), domain=domain) for i in range(n_known)]
     return EvalPrompts(list(dict.fromkeys(targets.captions)), unseen, [D.caption(s) for s in known_specs],

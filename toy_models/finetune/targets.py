@@ -5,21 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import Tensor
 
 from toy_models import data as D
 from toy_models import vocab as V
+from toy_models.concepts import concept_captions, concept_specs
 
 __all__ = ["TargetSet", "builtin_targets", "load_targets", "BUILTIN"]
 
-# name -> (spec sampler kwargs, caption overrides); rare tokens name the held-out concept.
-BUILTIN = {
-    "concept:ell": (dict(shapes=(V.NOVEL_SHAPE,)), dict(shape_word=V.SHAPE_TOKEN)),
-    "style:hstripe": (dict(styles=(V.NOVEL_STYLE,)), dict(style_word=V.STYLE_TOKEN)),
-    "domain:pastel": (dict(domain="pastel"), {}),
-}
+# built-in set name -> held-out concept of toy_models.concepts (rare tokens name it).
+BUILTIN = {"concept:ell": "ell", "style:hstripe": "hstripe", "domain:pastel": "pastel"}
 
 
 @dataclass
@@ -46,9 +41,8 @@ def builtin_targets(name: str, n: int, seed: int) -> TargetSet:
     """``n`` deterministic targets of a built-in set (see :data:`BUILTIN`)."""
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in target set {name!r}; known: {sorted(BUILTIN)}")
-    spec_kw, cap_kw = BUILTIN[name]
-    specs = [D.random_spec(np.random.default_rng([seed, i]), **spec_kw) for i in range(n)]
-    return TargetSet(D.render_batch(specs), [D.caption(s, **cap_kw) for s in specs], specs, name)
+    specs = concept_specs(BUILTIN[name], n, seed)
+    return TargetSet(D.render_batch(specs), concept_captions(BUILTIN[name], specs), specs, name)
 
 
 def load_targets(source: str, n: int = 12, seed: int = 0) -> TargetSet:
@@ -60,7 +54,7 @@ def load_targets(source: str, n: int = 12, seed: int = 0) -> TargetSet:
         raise FileNotFoundError(
             f"targets {source!r}: neither a built-in set ({sorted(BUILTIN)}) nor an existing folder"
         )
-    from toy_models.folder import load_pairs
+    from toy_models.folder import load_pair_folder
 
-    images, captions = load_pairs(path)
-    return TargetSet(torch.as_tensor(images), list(captions), None, str(path))
+    pairs = load_pair_folder(path)
+    return TargetSet(pairs.images, list(pairs.captions), None, str(path))

@@ -149,10 +149,16 @@ def teacher_samples(roles: Roles, targets: TargetSet, cfg: FinetuneConfig, per_t
 
 
 def load_model(path: str, device: torch.device) -> ToyDiT:
-    """The few-step model to fine-tune (local folder or hub id; offline by default)."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model folder {path!r} does not exist (train it with the toy_models recipes)")
-    return ToyDiT.from_pretrained(path).to(device)
+    """The model to fine-tune: a folder, or the name of a shipped one (``toy-dit-turbo4``)."""
+    from toy_models import hub
+
+    folder = Path(path) if Path(path).exists() else hub.weights_path(path)
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"model {path!r}: no model.safetensors in {folder} (shipped names: {hub.TURBO!r}, {hub.BASE!r};"
+            " or train one with the toy_models recipes)"
+        )
+    return ToyDiT.from_pretrained(folder).to(device)
 
 
 def run_finetune(
