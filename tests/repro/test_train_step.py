@@ -9,6 +9,9 @@ into the diffusers pipeline and reproduces the trained student's output.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -129,3 +132,24 @@ def test_saved_flux2_lora_loads_into_klein_pipeline_and_reproduces_student(tmp_p
     loaded = pipe(latents=n4.clone(), **kw).images
     assert (ours - base).abs().max() > 1e-5, "training did not change the output; the test would be vacuous"
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_resumes_from_latest_checkpoint_bit_exactly(tmp_path):
+    """``python -m paper_repro.train`` twice (2 steps, then to 3) == one run of 3 steps."""
+    from paper_repro.train import main
+
+    data = make_folder(tmp_path / "data")
+    cfg = Path(__file__).resolve().parents[2] / "paper_repro" / "configs" / "tiny_zimage.yaml"
+    common = ["--config", str(cfg), "--set", f"data.root={data}", "--set", "train.gradient_checkpointing=false"]
+    straight = main(common + ["--set", f"output_dir={tmp_path / 'a'}", "--set", "train.steps=3"])
+    main(common + ["--set", f"output_dir={tmp_path / 'b'}", "--set", "train.steps=2"])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = main(common + ["--set", f"output_dir={tmp_path / 'b'}", "--set", "train.steps=3"])
+    assert resumed.step == 3
+    for adapter in (STUDENT, TEACHER):
+        pa, pb = lora_parameters(straight.unwrapped, adapter), lora_parameters(resumed.unwrapped, adapter)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    steps = [json.loads(line).get("step") for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3]
