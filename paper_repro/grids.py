@@ -1,18 +1,11 @@
-"""σ grids for the real backbones, built on ``dopsd_ref.schedules``.
-
-``flux2_grid`` evaluates FLUX.2's exponential time shift in Python floats, so σ_1 is exactly
-1 (``dopsd_ref.schedules.validate_sigmas`` insists on it). ``torch``'s ``scalar / tensor``
-goes through a reciprocal and can give ``0.9999999999999999`` there.
-"""
+"""σ grids for the real backbones: thin wrappers over ``dopsd_ref.schedules``."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-from dopsd_ref.schedules import ZIMAGE_TURBO_4, ZIMAGE_TURBO_8, flux2_empirical_mu, validate_sigmas
+from dopsd_ref.schedules import ZIMAGE_TURBO_4, ZIMAGE_TURBO_8, flux2_sigmas, validate_sigmas
 
 __all__ = ["flux2_grid", "zimage_grid", "training_grid"]
 
@@ -24,10 +17,7 @@ def flux2_grid(num_steps: int, image_seq_len: int) -> Tensor:
     tokens (H·W/256 at the VAE's 16x total down-sampling). Same values as diffusers'
     ``FlowMatchEulerDiscreteScheduler.set_timesteps(K, mu=compute_empirical_mu(...))``.
     """
-    mu = flux2_empirical_mu(image_seq_len, num_steps)
-    em = math.exp(mu)
-    base = [1.0 - i * (1.0 - 1.0 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)]
-    return validate_sigmas([em / (em + (1.0 / s - 1.0)) for s in base])
+    return flux2_sigmas(num_steps, image_seq_len)
 
 
 def zimage_grid(num_steps: int) -> Tensor:
