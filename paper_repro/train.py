@@ -272,7 +272,9 @@ class DOPSDTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+               "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, tmp / f"rng-rank{self.acc.process_index}.pt")
         if self._sharded:
@@ -311,7 +313,7 @@ class DOPSDTrainer:
         sharded_state = (path / "accelerate_state").exists()
         if sharded_state:
             self.acc.load_state(str(path / "accelerate_state"))
-        train = torch.load(path / "trainable.pt", map_location="cpu", weights_only=False)
+        train = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             if sharded_state and self.teacher_module is None:
                 pass  # student and teacher LoRA are model parameters: restored by load_state
@@ -324,10 +326,12 @@ class DOPSDTrainer:
                 self.unwrapped.load_state_dict(train["student"])
                 self.teacher_module.load_state_dict(train["teacher"])
         if (path / "optimizer.pt").exists():
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-        rng = torch.load(path / f"rng-rank{self.acc.process_index}.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        rng = torch.load(path / f"rng-rank{self.acc.process_index}.pt", weights_only=True)  # no pickle execution
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -39,8 +39,8 @@ def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
            "--set", "train.checkpoint_every=2", "--no-resume", "--dump-rank-params"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stderr[-4000:]
-    r0 = torch.load(out / "rank0_params.pt", weights_only=False)
-    r1 = torch.load(out / "rank1_params.pt", weights_only=False)
+    r0 = torch.load(out / "rank0_params.pt", weights_only=True)
+    r1 = torch.load(out / "rank1_params.pt", weights_only=True)
     for role in ("student", "teacher"):
         assert r0[role].keys() == r1[role].keys() and r0[role]
         for k in r0[role]:

@@ -153,3 +153,21 @@ def test_cli_resumes_from_latest_checkpoint_bit_exactly(tmp_path):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
     steps = [json.loads(line).get("step") for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [s for s in steps if s] == [1, 2, 3]
+
+
+def test_checkpoint_restores_python_numpy_torch_rng(tmp_path):
+    """Per-rank RNG states round-trip through the (pickle-free, weights_only) checkpoint."""
+    import random
+
+    import numpy as np
+
+    from paper_repro.train import DOPSDTrainer
+
+    tr = DOPSDTrainer(tiny_config("zimage", make_folder(tmp_path / "data"), tmp_path / "run"))
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    tr.save_checkpoint()
+    expect = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    assert tr.load_checkpoint()
+    got = (random.random(), np.random.rand(), torch.rand(1))
+    assert got[0] == expect[0] and got[1] == expect[1] and torch.equal(got[2], expect[2])
