@@ -37,6 +37,7 @@ METRICS = [
     ("known_fid", "toy-FID ↓ (known)"),
     ("known_palette", "palette dist ↓ (known)"),
     ("concept_palette", "palette dist ↓ (concept)"),
+    ("concept_fid", "toy-FID ↓ (concept)"),
 ]
 
 

@@ -28,7 +28,7 @@ from toy_models.finetune.evaluate import eval_prompts, evaluate_student, load_ev
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import run_finetune
 
-METRICS = ("concept_acc", "unseen_acc", "known_acc", "known_fid", "known_palette", "concept_palette")
+METRICS = ("concept_acc", "unseen_acc", "known_acc", "known_fid", "known_palette", "concept_palette", "concept_fid")
 # two-sided 95% t quantiles for df = 1..30 (beyond: normal)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,

@@ -10,7 +10,9 @@ For a target set (e.g. the held-out L glyph under the rare token ``sks``) it mea
   knowledge, the GenEval analogue);
 * ``known_fid`` — toy-FID of known-prompt samples vs renders of the same prompts;
 * ``known_palette`` / ``concept_palette`` — palette distance of those samples (blur and
-  noise raise it; real renders sit near its floor).
+  noise raise it; real renders sit near its floor);
+* ``concept_fid`` — toy-FID of the concept-prompt samples (train + unseen) vs renders of
+  exactly those prompts (built-in sets only).
 
 Every number is a mean over ``seeds`` generation seeds; per-seed values are kept so that
 methods can be compared by paired differences.
@@ -56,6 +58,7 @@ class EvalPrompts:
     unseen: list[str]
     known: list[str]
     known_specs: list[D.Spec]
+    concept_reals: Tensor | None  # renders of the train + unseen prompts (None for user folders)
     concept: str  # the evaluator head value that counts as "the concept"
     head: str  # "shape", "style" or "domain"
 
@@ -70,17 +73,19 @@ def eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed
     }[name]
     concept_name = BUILTIN[name]
     seen = {(s.color, s.bg) for s in targets.specs} if targets.specs else set()
-    unseen: list[str] = []
+    unseen_specs: list[D.Spec] = []
     i = 0
-    while len(unseen) < n_unseen:
+    while len(unseen_specs) < n_unseen:
         s = concept_specs(concept_name, 1, seed + 7919 * i)[0]
         i += 1
         if (s.color, s.bg) not in seen or len(seen) >= len(V.COLORS) * len(V.BACKGROUNDS):
-            unseen.append(concept_captions(concept_name, [s])[0])
+            unseen_specs.append(s)
+    unseen = concept_captions(concept_name, unseen_specs)
+    reals = torch.cat([targets.images, D.render_batch(unseen_specs)]) if targets.specs else None
     domain = "pastel" if name == "domain:pastel" else "base"
     known_specs = [D.random_spec(np.random.default_rng([seed, 1, i]), domain=domain) for i in range(n_known)]
-    return EvalPrompts(list(dict.fromkeys(targets.captions)), unseen, [D.caption(s) for s in known_specs],
-                       known_specs, concept, head)
+    return EvalPrompts(list(targets.captions), unseen, [D.caption(s) for s in known_specs],
+                       known_specs, reals, concept, head)
 
 
 @torch.no_grad()
@@ -113,6 +118,8 @@ def evaluate_student(student: StudentFn, prompts: EvalPrompts, evaluator=None, s
             "known_fid": toy_fid(ev, kn, real_known),
             "known_palette": palette_distance(kn, domain),
             "concept_palette": palette_distance(torch.cat([tr, un]), domain),
+            "concept_fid": (toy_fid(ev, torch.cat([tr, un]), prompts.concept_reals)
+                            if prompts.concept_reals is not None else float("nan")),
         })
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     if per_seed:
