@@ -63,7 +63,7 @@ def load_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> Com
             from . import tiny
 
             vlm = tiny.tiny_qwen3_vl(comps.tokenizer)
-            image_processor, vl_tokenizer = tiny.tiny_qwen3_vl_image_processor(), comps.tokenizer
+            image_processor, vl_tokenizer, proc = tiny.tiny_qwen3_vl_image_processor(), comps.tokenizer, None
         else:
             from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
@@ -73,9 +73,9 @@ def load_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> Com
         comps.vlm_report = load_lm_from_text_encoder(vlm, comps.text_encoder, min_match=cfg.vlm_min_match)
         vlm.to(device=device, dtype=dtype).requires_grad_(False).eval()
         if cfg.backbone == "zimage":
-            comps.vlm_context = HybridVLMContext(vlm, vl_tokenizer, image_processor)
+            comps.vlm_context = HybridVLMContext(vlm, vl_tokenizer, image_processor, processor=proc)
         else:  # FLUX.2 VLM route: stacked layers, padded like klein's text path
             comps.vlm_context = HybridVLMContext(vlm, vl_tokenizer, image_processor, max_length=cfg.max_sequence_length,
                                                  hidden_layers=tuple(cfg.flux2_text_layers),
-                                                 pad_to=cfg.max_sequence_length)
+                                                 pad_to=cfg.max_sequence_length, processor=proc)
     return comps

@@ -187,10 +187,12 @@ class HybridVLMContext:
     hidden_layers: tuple[int, ...] | None = None
     pad_to: int | None = None
     image_token: str = field(default="<|image_pad|>")
+    processor: object | None = None  # real Qwen3-VL processor: its chat template renders image parts
 
     def _text(self, prompt: str, num_image_tokens: int) -> str:
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        templater = self.processor if self.processor is not None else self.tokenizer
+        text = templater.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         if text.count(self.image_token) != 1:
             raise ValueError(f"chat template must render exactly one {self.image_token}, got: {text!r}")
         return text.replace(self.image_token, self.image_token * num_image_tokens)
