@@ -65,11 +65,19 @@ def load_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> Com
             vlm = tiny.tiny_qwen3_vl(comps.tokenizer)
             image_processor, vl_tokenizer, proc = tiny.tiny_qwen3_vl_image_processor(), comps.tokenizer, None
         else:
-            from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+            from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
 
             vlm = Qwen3VLForConditionalGeneration.from_pretrained(cfg.vlm, torch_dtype=dtype)
-            proc = AutoProcessor.from_pretrained(cfg.vlm, min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
-            image_processor, vl_tokenizer = proc.image_processor, proc.tokenizer
+            pixels = dict(min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+            try:
+                proc = AutoProcessor.from_pretrained(cfg.vlm, **pixels)
+                image_processor, vl_tokenizer = proc.image_processor, proc.tokenizer
+            except (OSError, ValueError, TypeError, AttributeError, ImportError):
+                # No full processor (e.g. torchvision missing for the video processor, or a folder without
+                # one): image processor + tokenizer, whose chat template must render image parts.
+                proc = None
+                image_processor = AutoImageProcessor.from_pretrained(cfg.vlm, **pixels)
+                vl_tokenizer = AutoTokenizer.from_pretrained(cfg.vlm)
         comps.vlm_report = load_lm_from_text_encoder(vlm, comps.text_encoder, min_match=cfg.vlm_min_match)
         vlm.to(device=device, dtype=dtype).requires_grad_(False).eval()
         if cfg.backbone == "zimage":

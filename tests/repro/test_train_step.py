@@ -171,3 +171,31 @@ def test_checkpoint_restores_python_numpy_torch_rng(tmp_path):
     assert tr.load_checkpoint()
     got = (random.random(), np.random.rand(), torch.rand(1))
     assert got[0] == expect[0] and got[1] == expect[1] and torch.equal(got[2], expect[2])
+
+
+@pytest.mark.parametrize("backbone", ["zimage", "flux2"])
+def test_pretrained_loading_path_from_local_folders(tmp_path, backbone):
+    """The real-run path (``from_pretrained`` of the pipeline and of Qwen3-VL, by folder) trains a step.
+
+    Tiny pipelines / VLM are saved with ``save_pretrained`` and loaded back exactly as a GPU run
+    loads ``Tongyi-MAI/Z-Image-Turbo`` / ``Qwen/Qwen3-VL-4B-Instruct`` (no network involved).
+    """
+    import dataclasses
+
+    from paper_repro.tiny import (build_tokenizer, tiny_flux2_klein_pipeline, tiny_qwen3_vl,
+                                  tiny_qwen3_vl_image_processor, tiny_zimage_pipeline)
+    from paper_repro.train import DOPSDTrainer
+
+    pipe = tiny_zimage_pipeline() if backbone == "zimage" else tiny_flux2_klein_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    tok = build_tokenizer()
+    tiny_qwen3_vl(tok).save_pretrained(tmp_path / "vlm")
+    tok.save_pretrained(tmp_path / "vlm")
+    tiny_qwen3_vl_image_processor().save_pretrained(tmp_path / "vlm")
+    cfg = tiny_config(backbone, make_folder(tmp_path / "data"), tmp_path / "run")
+    model = dataclasses.replace(cfg.model, tiny=False, pretrained=str(tmp_path / "pipe"), vlm=str(tmp_path / "vlm"),
+                                vlm_min_pixels=16 * 16, vlm_max_pixels=32 * 32,
+                                flux2_teacher="vlm" if backbone == "flux2" else "editing")
+    tr = DOPSDTrainer(dataclasses.replace(cfg, model=model))
+    assert tr.comps.vlm_report.fraction == 1.0
+    assert tr.train_step()["grad_norm"] > 0
