@@ -35,6 +35,7 @@ def test_one_step_updates_only_student_and_ema_moves_by_one_minus_d(tmp_path, ba
     assert all(torch.equal(s0[k], t0[k.replace(".student.", ".teacher.")]) for k in s0)
     metrics = tr.train_step()
     assert metrics["step"] == 1 and metrics["grad_norm"] > 0
+    assert metrics["teacher_frac"] == pytest.approx(1 - cfg.train.ema_decay, rel=1e-5)  # B starts at 0
     after = _snapshot(tr.unwrapped)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing was trained"
