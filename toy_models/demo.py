@@ -61,7 +61,7 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.6))
     for name, log in logs.items():
         train = [r for r in log if "loss" in r]
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name, alpha=0.8)
@@ -69,8 +69,10 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
         steps = [r["step"] for r in ev]
         axes[1].plot(steps, [r["concept_acc"] for r in ev], marker="o", label=name)
         axes[2].plot(steps, [r["known_acc"] for r in ev], marker="o", label=name)
-        axes[3].plot(steps, [r["concept_palette"] for r in ev], marker="o", label=name)
-    titles = ["training loss", "concept accuracy (4 steps)", "known-concept accuracy", "palette distance (concept)"]
+        axes[3].plot(steps, [r["concept_fid"] for r in ev], marker="o", label=name)
+        axes[4].plot(steps, [r["concept_palette"] for r in ev], marker="o", label=name)
+    titles = ["training loss", "concept accuracy (4 steps)", "known-concept accuracy", "toy-FID (concept prompts)",
+              "palette distance (concept prompts)"]
     for ax, t in zip(axes, titles):
         ax.set_title(t)
         ax.set_xlabel("fine-tuning step")
