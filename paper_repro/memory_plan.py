@@ -24,7 +24,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["SavedBytesMeter", "rollout_saved_peak", "bytes_per_block_token_dim", "real_param_counts", "plan", "main"]
 

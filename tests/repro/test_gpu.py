@@ -73,7 +73,7 @@ def _peak_rollout_bytes(k: int, per_step: bool) -> int:
         out.loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    del tr, out
+    out = None  # free the graph before measuring the next configuration
     torch.cuda.empty_cache()
     return peak
 
