@@ -331,3 +331,28 @@ FLUX2_TINY_LAYERS: tuple[int, ...] = (1, 2, 3)  # hidden-state layers stacked in
 def word_count(text: str) -> int:
     """Number of whitespace/punctuation words (helper for tests of tokenisation)."""
     return len(re.findall(r"\w+", text))
+
+
+def make_tiny_dataset(root, sizes=((32, 32), (32, 32), (24, 40), (40, 24)), caption: str = "a photo of sks dog",
+                      seed: int = 0):
+    """Write random RGB PNGs with same-stem caption files (a smoke-test image-caption folder)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(caption)
+    return root
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "make-data":
+        raise SystemExit("usage: python -m paper_repro.tiny make-data DIR")
+    print(make_tiny_dataset(sys.argv[2]))

@@ -32,14 +32,17 @@ def flux2_pipe():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state_one_thread():
+def _fresh_accelerate_state_one_thread(request, monkeypatch):
     """accelerate keeps a process-wide singleton; each test builds its own Accelerator.
 
     Tiny models run several times faster with one intra-op thread than with two contending
     threads on a shared CPU; the previous setting is restored for the rest of the suite.
+    Accelerators built in CPU tests use the CPU even where CUDA exists (test_gpu.py excepted).
     """
     from accelerate.state import AcceleratorState
 
+    if "test_gpu" not in request.node.nodeid:  # CPU tests stay on CPU on a GPU machine too
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 
 def make_folder(root: Path, sizes=((32, 32), (32, 32), (24, 40), (40, 24)), seed: int = 0,
                 caption: str = "a photo of sks dog") -> Path:
     """Write random RGB PNGs with same-stem caption files; returns ``root``."""
-    from PIL import Image
+    from paper_repro.tiny import make_tiny_dataset
 
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(caption)
-    return root
+    return make_tiny_dataset(root, sizes, caption, seed)
 
 
 def tiny_config(backbone: str, data_root: Path, out: Path, flux2_teacher: str = "editing",
