@@ -27,6 +27,8 @@ if str(REPO) not in sys.path:  # `python tutorials/01_….py` without `pip insta
         import dopsd_ref  # noqa: F401
     except ImportError:
         sys.path.insert(0, str(REPO))
+        # subprocesses (e.g. toy_models.bench's memory cases) must find the packages too
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 import matplotlib  # noqa: E402
 
