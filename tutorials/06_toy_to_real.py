@@ -204,7 +204,7 @@ def teacher(x, s):
 
 
 params = list(lora_parameters(tr, STUDENT).values())
-opt = torch.optim.AdamW(params, lr=1e-3)
+opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)   # released recipe: no weight decay
 before = {n: p.detach().clone() for n, p in tr.named_parameters()}
 out = dopsd_ref.dopsd_rollout_loss(student, teacher, z_noise, sig4, space="x0", per_step_backward=True)
 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -213,14 +213,17 @@ opt.zero_grad()
 lora_ema_update_(tr, 0.9999)
 changed = [n for n, p in tr.named_parameters() if not torch.equal(p, before[n])]
 print("per-step x0 losses:", [f"{v:.3e}" for v in out.per_step.tolist()])
-print(f"tensors changed by the step: {len(changed)} "
-      f"({sum(STUDENT in n.split('.') for n in changed)} student LoRA, "
-      f"{sum(TEACHER in n.split('.') for n in changed)} teacher LoRA (EMA), "
-      f"{sum('lora_' not in n for n in changed)} base weights)")
+n_lora = len(lora_parameters(tr, STUDENT))
+print(f"{len(changed)} of {len(before)} tensors changed: "
+      + ", ".join(f"{sum(role in n.split('.') and f'lora_{ab}' in n for n in changed)} {role} lora_{ab}"
+                  for role in (STUDENT, TEACHER) for ab in ("A", "B"))
+      + f", {sum('lora_' not in n for n in changed)} base weights  (each adapter has {n_lora // 2} A and {n_lora // 2} B tensors)")
 
 # %% [markdown]
 # The roll-out states in `out.states` are the pipeline's states (same noise, grid and
-# student), the base weights never move, and the teacher LoRA moved only by the EMA.
+# student), the base weights never move, and the teacher LoRA moved only by the EMA. Only the
+# B matrices moved: LoRA starts with $B = 0$ (so both adapters equal the base model), and the
+# gradient of $A$ is proportional to $B$, so in the first step only $B$ learns.
 #
 # **FLUX.2-klein**, editing-branch teacher: the teacher is the *same* transformer with the
 # VAE-encoded target appended as reference tokens; the sequence is longer, but only the
