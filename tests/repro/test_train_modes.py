@@ -86,3 +86,25 @@ def test_flux2_vlm_teacher_route_and_sample_grid(tmp_path):
     path = tr.sample_grid()
     grid = Image.open(path)
     assert grid.size[0] == 2 * grid.size[1]  # two prompts side by side
+
+
+def test_launcher_constraints_are_checked_before_loading(tmp_path):
+    """DeepSpeed owns backward/step (single backward, no manual accumulation); full mode rejects
+    FSDP (unsharded EMA copy). Checked up front, with the fields named."""
+    import pytest
+    from accelerate.utils import DistributedType
+
+    from paper_repro.train import DOPSDTrainer
+
+    class FakeAccelerator:  # only what the constructor reads before loading any model
+        def __init__(self, kind):
+            self.distributed_type = kind
+
+    data = make_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match="grad_strategy=single"):
+        DOPSDTrainer(tiny_config("zimage", data, tmp_path / "a"), FakeAccelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(ValueError, match="grad_accum=1"):
+        DOPSDTrainer(tiny_config("zimage", data, tmp_path / "b", grad_strategy="single", grad_accum=2),
+                     FakeAccelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(ValueError, match="FSDP"):
+        DOPSDTrainer(tiny_config("zimage", data, tmp_path / "c", mode="full"), FakeAccelerator(DistributedType.FSDP))
