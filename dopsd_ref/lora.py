@@ -42,7 +42,7 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def add_student_teacher_lora(model: nn.Module, lora_config: Any) -> nn.Module:
+def add_student_teacher_lora(model: nn.Module, lora_config: Any, adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Inject the "student" and "teacher" LoRA adapters into ``model`` in place.
 
     The base weights are frozen, the student adapter is trainable, the teacher adapter is a
@@ -51,6 +51,8 @@ def add_student_teacher_lora(model: nn.Module, lora_config: Any) -> nn.Module:
     Args:
         model: any module with layers matching ``lora_config.target_modules``.
         lora_config: a ``peft.LoraConfig``.
+        adapter_dtype: cast both adapters to this dtype (e.g. ``torch.float32`` over bf16
+            base weights: with d = 0.9999 the EMA step (1 − d)·Δ is below bf16 resolution).
 
     Returns:
         The same ``model``.
@@ -63,6 +65,9 @@ def add_student_teacher_lora(model: nn.Module, lora_config: Any) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         inject_adapter_in_model(lora_config, model, adapter_name=TEACHER)
     student, teacher = lora_parameters(model, STUDENT), lora_parameters(model, TEACHER)
+    if adapter_dtype is not None:
+        for p in (*student.values(), *teacher.values()):
+            p.data = p.data.to(adapter_dtype)
     if not student:
         raise ValueError(
             f"no LoRA layer was created: target_modules={lora_config.target_modules!r} matched no module"
@@ -126,7 +131,10 @@ def use_adapter(model: nn.Module, adapter: str) -> Iterator[nn.Module]:
 
 
 def check_lora_targets(model: nn.Module, intended: list[str], adapter: str = STUDENT) -> list[str]:
-    """Names of modules whose last name component is in ``intended`` but that have no LoRA.
+    """Names of modules matching an ``intended`` target that have no LoRA of ``adapter``.
+
+    A target matches a module whose dotted name equals it or ends with ``"." + target``
+    (so ``"w1"`` and ``"to_out.0"`` both work, as in peft's ``target_modules``).
 
     Guards against the released recipe's silent slip (a missing comma in the target list
     left Z-Image's ``w1`` and ``w2`` without LoRA). An empty list means every intended
@@ -134,9 +142,11 @@ def check_lora_targets(model: nn.Module, intended: list[str], adapter: str = STU
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    def matches(name: str) -> bool:
+        return any(name == t or name.endswith("." + t) for t in intended)
+
     return [
         name
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in intended
-        and not (isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}))
+        if matches(name) and not (isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}))
     ]

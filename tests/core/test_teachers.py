@@ -114,6 +114,10 @@ def test_lora_student_teacher_ema():
     add_student_teacher_lora(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=True))
     assert check_lora_targets(model, ["to_q", "to_v"]) == []
     assert check_lora_targets(model, ["to_q", "to_v", "ff"]) == ["ff"]
+    nested = nn.Sequential(Tiny())
+    add_student_teacher_lora(nested, peft.LoraConfig(r=2, target_modules=["0.to_q"]), adapter_dtype=torch.float64)
+    assert check_lora_targets(nested, ["0.to_q"]) == [] and check_lora_targets(nested, ["0.to_v"]) == ["0.to_v"]
+    assert all(p.dtype == torch.float64 for p in lora_parameters(nested, "teacher").values())
     stu, tea = lora_parameters(model, "student"), lora_parameters(model, "teacher")
     assert stu and all(p.requires_grad for p in stu.values()) and not any(p.requires_grad for p in tea.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
