@@ -41,13 +41,16 @@ class ToyDiTConfig:
     stem_channels: int = 32
     patch: int = 2
     hidden: int = 128
-    depth: int = 4
+    depth: int = 3
     heads: int = 4
     mlp_ratio: float = 2.0
     text_layers: int = 2
     vocab_size: int = VOCAB_SIZE
     max_tokens: int = MAX_TOKENS
     enc_patch: int = 4
+    hi_blocks: int = 2  # FiLM ResBlocks at full resolution in the stem
+    head_blocks: int = 2  # FiLM ResBlocks at full resolution in the head
+    lo_blocks: int = 1  # FiLM ResBlocks at token resolution, before and after the transformer
 
 
 class ResBlock(nn.Module):
@@ -123,7 +126,11 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         self.pool_proj = nn.Linear(D, D)
         self.conv_in = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
         self.stem = ResBlock(C, D)
+        self.stem_more = nn.ModuleList([ResBlock(C, D) for _ in range(cfg.hi_blocks - 1)])
         self.patchify = nn.Conv2d(C, D, p, stride=p)
+        self.down = nn.ModuleList([ResBlock(D, D) for _ in range(cfg.lo_blocks)])
+        self.up = nn.ModuleList([ResBlock(D, D) for _ in range(cfg.lo_blocks)])
+        self.head_res = nn.ModuleList([ResBlock(C, D) for _ in range(cfg.head_blocks)])
         self.register_buffer("pos", sincos_2d(self.grid, self.grid, D), persistent=False)
         self.ref_type = nn.Parameter(torch.zeros(D))
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads, cfg.mlp_ratio, self.grid) for _ in range(cfg.depth)])
@@ -138,8 +145,15 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         nn.init.zeros_(self.conv_out.bias)
 
     # -- helpers ------------------------------------------------------------
-    def _tokens(self, h: Tensor) -> Tensor:
-        return self.patchify(h).flatten(2).transpose(1, 2) + self.pos  # [B,g²,D]
+    def _encode(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Image → (full-resolution skip features [B,C,H,W], tokens [B,g²,D])."""
+        h0 = self.stem(self.conv_in(x), c)
+        for blk in self.stem_more:
+            h0 = blk(h0, c)
+        h = self.patchify(h0)  # [B,D,g,g]
+        for blk in self.down:
+            h = blk(h, c)
+        return h0, h.flatten(2).transpose(1, 2) + self.pos
 
     def _unpatchify(self, z: Tensor) -> Tensor:
         B, N, _ = z.shape
@@ -159,24 +173,32 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         use_enc = context.ref is not None and context.route == "encoder"
         text, tmask, pooled = self.text(context.tokens, context.ref if use_enc else None)
         c = self.sigma_embed(sigma) + self.pool_proj(pooled)  # [B,D]
-        h0 = self.stem(self.conv_in(x), c)  # [B,C,16,16]
-        z = self._tokens(h0)  # [B,64,D]
+        h0, z = self._encode(x, c)  # [B,C,16,16], [B,64,D]
         n_lat = z.shape[1]
         if context.ref is not None and context.route == "tokens":
             c0 = self.sigma_embed(torch.zeros_like(sigma))
-            r = self._tokens(self.stem(self.conv_in(context.ref.to(x.dtype)), c0)) + self.ref_type
+            r = self._encode(context.ref.to(x.dtype), c0)[1] + self.ref_type
             z = torch.cat([z, r], 1)  # [B,128,D]
         for blk in self.blocks:
             z = blk(z, c, text, tmask)
         z = z[:, :n_lat]
+        if len(self.up):
+            g = self.grid
+            zi = z.transpose(1, 2).reshape(B, -1, g, g)  # [B,D,g,g]
+            for blk in self.up:
+                zi = blk(zi, c)
+            z = zi.flatten(2).transpose(1, 2)
         sh, sc = self.final_ada(F.silu(c)).chunk(2, -1)
         z = self.final(modulate(self.final_norm(z), sh, sc))  # [B,64,C·p²]
         h = self.head(torch.cat([self._unpatchify(z), h0], 1))
+        for blk in self.head_res:
+            h = blk(h, c)
         return self.conv_out(h)
 
 
 def toy_dit_s(**overrides) -> ToyDiT:
-    """Default toy size (~1.8M parameters): hidden 128, depth 4, 4 heads, 32 stem channels."""
+    """Default toy size (~2.2M parameters): hidden 128, 3 transformer blocks, 4 heads, 32 stem channels,
+    2 FiLM ResBlocks at 16×16 in stem and head, 1 at 8×8 on each side of the transformer."""
     return ToyDiT(dataclasses.replace(ToyDiTConfig(), **overrides))
 
 
