@@ -269,6 +269,36 @@ def teacher_overhead(device: torch.device, batch: int = 8, repeat: int = 5) -> d
             "lora_extra_params_M": sum(p.numel() for n, p in lora.named_parameters() if ".teacher" in n) / 1e6}
 
 
+def profile_report(device: torch.device, rows: int = 15) -> str:
+    """torch.profiler tables (top ops by self CPU time) of toy sampling and one D-OPSD step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from toy_models.dit import toy_dit_s
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model = toy_dit_s().to(device)
+    n = 256
+    ctx = ToyContext(V.tokenize(["large red circle on white"] * n)).to(device)
+    noise = torch.randn(n, 3, 16, 16, device=device)
+    sigmas = dopsd_ref.uniform_sigmas(4)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    with torch.no_grad():
+        dopsd_ref.euler_sample(lambda x, s: model(x, s, ctx), noise, sigmas)
+        with profile(activities=acts) as prof:
+            dopsd_ref.euler_sample(lambda x, s: model(x, s, ctx), noise, sigmas)
+    out += [f"## toy sampling, batch {n}, 4 steps", "", "```", prof.key_averages().table(sort_by=sort, row_limit=rows), "```"]
+    case = Case("toy", 4, 8, 16)
+    model, student, teacher, shape = _toy(case, device)
+    x = torch.randn(shape, device=device)
+    dopsd_ref.dopsd_rollout_loss(student, teacher, x, sigmas, per_step_backward=True)
+    with profile(activities=acts) as prof:
+        dopsd_ref.dopsd_rollout_loss(student, teacher, x, sigmas, per_step_backward=True)
+    out += ["", "## one D-OPSD roll-out (K = 4, batch 8, per-step backward)", "", "```",
+            prof.key_averages().table(sort_by=sort, row_limit=rows), "```"]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -335,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler tables to profile.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -389,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(report)
     (out / "bench.md").write_text(md + "\n")
     plot(report, out / "bench.png")
+    if args.profile:
+        (out / "profile.md").write_text(profile_report(device) + "\n")
     print(md)
     print(f"\nwrote {out}/bench.md, bench.json, bench.png")
     return report
