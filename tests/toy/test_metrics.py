@@ -46,3 +46,30 @@ def test_copy_iou():
     x = D.render_batch(sp)
     assert M.copy_iou(x, sp) > 0.75
     assert M.copy_iou(torch.roll(x, 5, dims=3), sp) < 0.5
+
+
+def test_toy_fid_equals_torchmetrics_fid_with_custom_features():
+    """Our Fréchet distance equals torchmetrics' FrechetInceptionDistance when the same
+    module is its custom feature extractor (the documented equivalence of toy-FID)."""
+    import pytest
+
+    FrechetInceptionDistance = pytest.importorskip("torchmetrics.image.fid").FrechetInceptionDistance
+
+    class Feat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.lin(x.float().flatten(1))
+
+    f = Feat()
+    fid = FrechetInceptionDistance(feature=f, normalize=False, input_img_size=(3, 2, 2))
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(400, 3, 2, 2, generator=g), torch.randn(400, 3, 2, 2, generator=g) * 1.5 + 0.3
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    with torch.no_grad():
+        ours = M.frechet_distance(f(fake), f(real))
+    assert abs(float(fid.compute()) - ours) < 1e-4 * max(1.0, ours)

@@ -72,3 +72,23 @@ SHAPE_MIN = 0.80
 TEACHER_MIN = 0.45
 STUDENT_MAX = 0.25
 COPY_MIN = 0.80
+
+
+def test_cards_match_recorded_numbers():
+    """Each shipped model card was generated from training.json and acceptance.json: it
+    names the recipe command and seed, and reproduces the measured numbers."""
+    import json
+
+    from toy_models.cards import card
+    from toy_models.hub import WEIGHTS_DIR
+
+    acc_path = WEIGHTS_DIR / "acceptance.json"
+    if not acc_path.exists():
+        pytest.skip("acceptance.json not measured yet")
+    acc = json.loads(acc_path.read_text())
+    for name in (BASE, TURBO, EVALUATOR):
+        folder = WEIGHTS_DIR / name
+        text = (folder / "README.md").read_text()
+        tr = json.loads((folder / "training.json").read_text())
+        assert tr["command"] in text
+        assert text == card(name, acc)
