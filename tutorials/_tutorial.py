@@ -8,7 +8,7 @@ Nothing of the method lives here: the tutorials call ``dopsd_ref``, ``toy_models
 
     DOPSD_TUTORIAL_FAST=1        fast mode: fewer steps/seeds (≤ 2 min per tutorial on 2 CPU cores)
     DOPSD_TUTORIAL_OUT=DIR       where figures go (default: outputs/tutorials/, git-ignored)
-    DOPSD_TUTORIAL_THREADS=N     torch CPU threads (default: torch's choice)
+    DOPSD_TUTORIAL_THREADS=N     torch CPU threads (default: 1 in fast mode, torch's choice otherwise)
     DOPSD_TOY_WEIGHTS=DIR        folder holding toy-dit-base/, toy-dit-turbo4/, toy-evaluator/
                                  (default: toy_models/weights/, the shipped weights)
 
@@ -43,8 +43,12 @@ OUT_ROOT = Path(os.environ.get("DOPSD_TUTORIAL_OUT", str(REPO / "outputs" / "tut
 WEIGHTS = Path(os.environ.get("DOPSD_TOY_WEIGHTS", str(REPO / "toy_models" / "weights")))
 BASE, TURBO, EVALUATOR = "toy-dit-base", "toy-dit-turbo4", "toy-evaluator"
 
+# Tiny models gain little from intra-op threads, and on a busy 2-core machine two contending
+# threads made a fast-mode tutorial ~10x slower than one; so fast mode uses one thread unless told.
 if os.environ.get("DOPSD_TUTORIAL_THREADS"):
     torch.set_num_threads(int(os.environ["DOPSD_TUTORIAL_THREADS"]))
+elif FAST:
+    torch.set_num_threads(1)
 
 
 def pick(fast, full):
