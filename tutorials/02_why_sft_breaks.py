@@ -25,8 +25,9 @@
 # steps, then at the reason: **the states SFT trains on are not the states the 4-step
 # sampler visits.**
 #
-# Both models use the same small adapter (a LoRA that acts only on the `sks` token, see
-# `toy_models/finetune/adapters.py`), so prompts without `sks` are untouched by construction.
+# SFT here trains a small adapter (a LoRA that acts only at the position of the `sks` token,
+# see `toy_models/finetune/adapters.py`) — the same adapter D-OPSD trains in tutorial 4 — so
+# prompts without `sks` are untouched by construction.
 #
 # **Fast mode.** `DOPSD_TUTORIAL_FAST=1` trains fewer steps and evaluates fewer seeds (≤ 2 min
 # on 2 CPU cores); the concept may not be learned yet in fast mode. Full mode reproduces the
