@@ -57,7 +57,7 @@ evaluator = T.load_toy(T.EVALUATOR)
 
 # %%
 cfg = FinetuneConfig(method="sft", model=str(T.weights_path(T.TURBO)), data="concept:ell", device="cpu",
-                     steps=T.pick(40, 150), ckpt_every=0, eval_every=0)
+                     steps=T.pick(60, 150), ckpt_every=0, eval_every=0)
 targets = load_targets(cfg.data, cfg.num_targets, cfg.data_seed)
 prompts = eval_prompts(targets)
 turbo = T.load_toy(T.TURBO)

@@ -77,8 +77,8 @@ prompts = eval_prompts(targets)
 params = net.student_parameters()
 print(f"trainable: {sum(p.numel() for p in params)} parameters in {len(params)} tensors; "
       f"frozen: {sum(p.numel() for p in net.parameters() if not p.requires_grad)}")
-STEPS, BATCH, K, LR, EMA = T.pick(30, 150), 8, 4, 1e-3, 0.999
-EVAL_EVERY, SEEDS = T.pick(15, 25), range(T.pick(1, 3))
+STEPS, BATCH, K, LR, EMA = T.pick(60, 150), 8, 4, 1e-3, 0.999
+EVAL_EVERY, SEEDS = T.pick(30, 25), range(T.pick(1, 3))
 
 # %% [markdown]
 # ## 2. The training loop
