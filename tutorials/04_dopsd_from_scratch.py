@@ -192,9 +192,10 @@ for name, model in [("before", untrained), ("after", net)]:
     T.save(fig, OUT / f"rollout_{name}.png")
 
 # %% [markdown]
-# Before training, the teacher's predictions already show the L (it sees the target); the
-# student's do not, and the per-step losses in the titles measure the gap. After training the
-# student's own 4-step roll-out heads for the concept from the first step.
+# Before training, the teacher's predictions lean toward the L (it sees the target; tutorial
+# 3 printed how often its samples are an L) while the student's cannot, and the per-step
+# losses in the titles measure the gap. Training moves the student's own 4-step roll-out
+# toward the teacher's predictions — on the states that roll-out actually visits.
 #
 # ## 5. The student's samples
 #
