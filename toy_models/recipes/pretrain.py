@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state", default=None, help="resumable state file (default runs/<out name>/state.pt)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop early (and checkpoint) after this wall-clock")
+    p.add_argument("--late-from", type=int, default=0, help="from this step on, use --late-p-ref (0 = never)")
+    p.add_argument("--late-p-ref", type=float, default=0.3, help="share of reference samples in the late phase")
     args = p.parse_args(argv)
     setup(args)
     out = Path(args.out)
     state_path = Path(args.state or f"runs/{out.name}/state.pt")
     log = JsonLog(state_path.parent / "log.jsonl")
     mix = MixtureConfig()
+    late_mix = dataclasses.replace(mix, p_ref=args.late_p_ref)
     model = TOY_DIT_SIZES[args.size]().to(args.device)
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed, "size": args.size, "steps_done": step, "steps_planned": args.steps,
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),
+            "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
             "threads": torch.get_num_threads(),
         })
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         gen.manual_seed(args.seed * 1_000_003 + step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        parts = pretrain_batch(args.seed, step, args.batch, step / args.steps, mix)
+        cur = late_mix if args.late_from and step >= args.late_from else mix
+        parts = pretrain_batch(args.seed, step, args.batch, step / args.steps, cur)
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for sb in parts:
