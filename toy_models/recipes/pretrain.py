@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state", default=None, help="resumable state file (default runs/<out name>/state.pt)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop early (and checkpoint) after this wall-clock")
+    p.add_argument("--history", default="", help="free-text note on how this run was resumed/extended (recorded)")
     p.add_argument("--late-from", type=int, default=0, help="from this step on, use --late-p-ref (0 = never)")
     p.add_argument("--late-p-ref", type=float, default=0.3, help="share of reference samples in the late phase")
     args = p.parse_args(argv)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed, "size": args.size, "steps_done": step, "steps_planned": args.steps,
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),
-            "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
+            "history": args.history, "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
             "threads": torch.get_num_threads(),
         })
         state_path.parent.mkdir(parents=True, exist_ok=True)
