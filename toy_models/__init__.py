@@ -9,4 +9,10 @@ Quick use::
 """
 
 from toy_models.context import ToyContext, teacher_context, text_context
+from toy_models.hub import load_base, load_evaluator, load_turbo, weights_available
 from toy_models.sampling import noise_like, sample
+
+__all__ = [
+    "ToyContext", "teacher_context", "text_context", "load_base", "load_evaluator", "load_turbo",
+    "weights_available", "noise_like", "sample",
+]
