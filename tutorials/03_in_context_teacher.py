@@ -106,6 +106,11 @@ fig = T.image_rows([ref_images[:shown]] + [x[:shown] for x in samples.values()],
 T.save(fig, OUT / "contexts.png")
 
 # %% [markdown]
+# The table in the next section counts how often each context draws the L. Most of the toy
+# pre-training's references took the tokens route (`toy_models/README.md`), and that route is
+# the teacher the toy fine-tuning uses by default (`FinetuneConfig.teacher_route = "tokens"`);
+# compare its row with the encoder route's.
+#
 # ## 3. What the teacher carries
 #
 # If the teacher had learned to *copy* the reference we would see its colour, background and
@@ -167,8 +172,8 @@ for name, rows in list(stats.items())[1:]:
 # ## 4. The teacher reads the image, not a memorised answer
 #
 # Same captions, but the reference now shows a **known** shape (a ring). A teacher that
-# reads the concept from the image should switch to the ring although the caption still
-# says `sks`.
+# reads the concept from the image should switch toward the ring although the caption still
+# says `sks`; the printed shares say how far it does.
 
 # %%
 ring_refs = D.render_batch([r.replace(shape="ring") for r in refs])
