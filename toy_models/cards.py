@@ -50,6 +50,8 @@ def card(name: str, acc: dict) -> str:
             "```", "",
             "## Recipe", "", f"- command: `{tr.get('command', '?')}`", f"- seed: {tr.get('seed', '?')}",
             f"- wall-clock: {tr.get('wall_clock_s', '?')} s on {tr.get('threads', '?')} CPU thread(s) (shared 2-core machine)"]
+    if tr.get("history"):
+        body.append(f"- history (resumed run): {tr['history']}")
     for k in ("steps_done", "steps_planned", "steps", "train_steps", "batch", "lr", "ema", "params", "fine_steps", "base_steps_done", "wall_clock_cache_s"):
         if k in tr:
             body.append(f"- {k}: {tr[k]}")

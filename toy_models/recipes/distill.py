@@ -13,6 +13,7 @@ the reference-token route, some encoder route), so the 4-step model keeps both.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         base_info = json.loads(bj.read_text())
     write_json(Path(args.out) / "training.json", {
         "recipe": "toy_models.recipes.distill",
-        "command": "python -m toy_models.recipes.distill " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m toy_models.recipes.distill " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "K": K, "fine_steps": args.fine_steps, "n_text": args.n_text, "n_ref": args.n_ref,
         "p_encoder": args.p_encoder, "train_steps": args.train_steps, "batch": args.batch, "lr": args.lr,
         "ema": args.ema, "base": args.base, "base_steps_done": base_info.get("steps_done"),

@@ -11,6 +11,7 @@ The EMA weights are written (HF folder) every ``--ckpt-every`` steps and at the 
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         ema.model.save_pretrained(out)
         write_json(out / "training.json", {
             "recipe": "toy_models.recipes.pretrain",
-            "command": "python -m toy_models.recipes.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m toy_models.recipes.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "size": args.size, "steps_done": step, "steps_planned": args.steps,
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),

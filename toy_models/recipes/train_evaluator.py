@@ -10,6 +10,7 @@ cross-entropies.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(args.out)
     write_json(Path(args.out) / "training.json", {
         "recipe": "toy_models.recipes.train_evaluator",
-        "command": "python -m toy_models.recipes.train_evaluator " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m toy_models.recipes.train_evaluator " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "heldout_clean_accuracy": acc, "wall_clock_s": round(time.time() - t0, 1),
         "threads": torch.get_num_threads(),
