@@ -96,3 +96,22 @@ def test_cards_match_recorded_numbers():
         tr = json.loads((folder / "training.json").read_text())
         assert tr["command"] in text
         assert text == card(name, acc)
+
+
+@pytest.mark.slow
+def test_full_acceptance_reproduces_recorded_numbers():
+    """Re-running the acceptance measurements (n = 256, seed 0, no SFT) reproduces the
+    recorded text-only and teacher numbers in acceptance.json (same seeds: equal up to
+    float noise; tolerance 0.03 on accuracies, 5% on toy-FID)."""
+    import json
+
+    from toy_models.acceptance import run
+    from toy_models.hub import WEIGHTS_DIR
+
+    rec = json.loads((WEIGHTS_DIR / "acceptance.json").read_text())
+    res = run(rec["n"], rec["seed"], 0, 0.0, 0, skip_sft=True)
+    for k in ("base@32", "base@4", "turbo@4"):
+        assert abs(res["text_only"][k]["shape_acc"] - rec["text_only"][k]["shape_acc"]) <= 0.03
+        assert abs(res["text_only"][k]["toy_fid"] - rec["text_only"][k]["toy_fid"]) <= 0.05 * rec["text_only"][k]["toy_fid"]
+    for k in ("tokens/ell/exact", "tokens/trained/aligned", "text_only/ell"):
+        assert abs(res["copy"]["turbo@4"][k]["acc"] - rec["copy"]["turbo@4"][k]["acc"]) <= 0.03
