@@ -169,8 +169,8 @@ for k in range(1, len(sigmas)):
 # never trained on.
 
 # %% [markdown]
-# **What to take away.** SFT learns the target from noised targets — states the few-step
-# sampler does not visit. The few-step ability lives in how the model treats its *own*
+# **What to take away.** SFT trains on noised targets — states the few-step sampler does
+# not visit. The few-step ability lives in how the model treats its *own*
 # states; SFT neither trains nor protects it, and with many steps (small moves, closer to
 # the noising path) the same model can look better than at its native 4 steps (compare the
 # printed palette distances). D-OPSD trains exactly on the sampler's states; for that it
