@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= toy,repro,tutorials,dev
 ARGS ?=
 
-.PHONY: demo test test-all install clean
+.PHONY: demo demo-core test test-all install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-## The main job on the embedded toy default.
+## The main job on the embedded toy default: D-OPSD vs SFT vs base on the shipped 4-step toy.
 demo: $(VENV)/.installed
+	$(PY) -m toy_models.demo $(ARGS)
+
+## The 2-D core demonstration (torch only, seconds).
+demo-core: $(VENV)/.installed
 	$(PY) -m dopsd_ref.demo $(ARGS)
 
 ## The test suite in fast mode (what CI runs): slow checks are skipped.

@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--model", default="toy-dit-turbo4", help="shipped model name or folder")
     p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = [
         "# D-OPSD vs SFT on the toy 4-step model",
         "",
-        f"Produced by `python -m toy_models.demo --steps {args.steps} --seed {args.seed} --seeds {args.seeds}`"
-        f" in {time.time() - t0:.0f} s on {device}.",
+        f"Produced by `python -m toy_models.demo --steps {args.steps} --seed {args.seed} --seeds {args.seeds}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` in {time.time() - t0:.0f} s on {device}"
+        f" ({torch.get_num_threads()} CPU threads).",
         f"Targets: {len(targets)} images of the held-out concept `{prompts.concept}` named `{V.SHAPE_TOKEN}`;"
         f" adapter: rare-token-local LoRA (rank {base_cfg.lora_rank}) + `{V.SHAPE_TOKEN}` embedding offset;"
         f" lr {base_cfg.lr}, {args.steps} steps, batch {base_cfg.batch_size}, K = {base_cfg.rollout_steps},"
