@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from dopsd_ref.conventions import euler_step
-from dopsd_ref.schedules import uniform_sigmas, validate_sigmas
+from dopsd_ref.sampling import euler_sample
+from dopsd_ref.schedules import uniform_sigmas
 
 from toy_models.context import ToyContext
 
@@ -44,15 +44,13 @@ def sample(
     model.eval()
     B = context.batch_size
     x = noise_like(B, seed) if noise is None else noise.clone()
-    s = validate_sigmas(uniform_sigmas(steps) if sigmas is None else sigmas).tolist() + [0.0]
+    grid = uniform_sigmas(steps) if sigmas is None else sigmas
     dev = next(model.parameters()).device
     outs = []
     for i in range(0, B, batch_size):
         xi = x[i : i + batch_size].to(dev)
         ci = context[i : i + batch_size].to(dev)
-        for k in range(len(s) - 1):
-            sig = torch.full((xi.shape[0],), s[k], device=dev)
-            xi = euler_step(xi, model(xi, sig, ci), s[k], s[k + 1])
+        xi = euler_sample(lambda z, sig: model(z, sig, ci), xi, grid)
         outs.append(xi.clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(outs)
