@@ -13,7 +13,7 @@ from torch import Tensor, nn
 def sincos_1d(pos: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of positions [N] → [N, dim]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=pos.device) / half)
     ang = pos.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
 

@@ -41,11 +41,13 @@ def _cfg(tmp, model_dir, **kw):
     return load_config(None, **base)
 
 
-def test_token_local_adapter_leaves_other_prompts_unchanged():
-    """With scope token_kv, any adapter weights leave prompts without a rare token exactly
-    as the base model computes them, and change prompts with one."""
+@pytest.mark.parametrize("scope", ["token_kv", "prompt_gated"])
+def test_local_adapter_leaves_other_prompts_unchanged(scope):
+    """With a local scope (rare-token positions, or prompts containing a rare token), any
+    adapter weights leave prompts without a rare token exactly as the base model computes
+    them — in the same batch as prompts with one, which they change."""
     base = _tiny_model()
-    wrapped = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="token_kv")
+    wrapped = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope=scope)
     with torch.no_grad():
         for p in wrapped.student_parameters():
             p.normal_()
@@ -58,6 +60,18 @@ def test_token_local_adapter_leaves_other_prompts_unchanged():
     assert torch.allclose(wrapped.teacher_forward(x, s, ctx), base(x, s, ctx), atol=1e-6)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all(".student" in n for n in trainable)
+
+
+def test_prompt_gated_scope_adapts_attention_and_mlp():
+    """The prompt-gated scope adds LoRA to self-attention, cross-attention and the MLP of
+    every block (image-pathway capacity), token_kv only to the cross-attention k/v."""
+    gated = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="prompt_gated")
+    kv = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="token_kv")
+    names = lambda m: {n.split(".lora_A")[0].split("blocks.")[-1][2:] for n, _ in m.named_parameters() if "lora_A.student" in n}
+    assert names(gated) == {"attn.q", "attn.kv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "fc1", "fc2"}
+    assert names(kv) == {"cross.kv"}
+    with pytest.raises(ValueError, match="scope"):
+        add_local_adapters(_tiny_model(), RARE_IDS, scope="everything")
 
 
 @pytest.mark.parametrize("method", ["dopsd", "sft"])

@@ -31,7 +31,10 @@ from torch import Tensor, nn
 from dopsd_ref.lora import STUDENT, TEACHER, lora_ema_update_, lora_parameters
 from toy_models.context import ToyContext
 
-Scope = Literal["token_kv", "cross_attn"]
+Scope = Literal["token_kv", "prompt_gated", "cross_attn"]
+SCOPES: tuple[str, ...] = ("token_kv", "prompt_gated", "cross_attn")
+# Linear layers of a DiT block that the prompt-gated scope adapts (self-attn, cross-attn, MLP).
+GATED_TARGETS: tuple[str, ...] = ("attn.q", "attn.kv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "fc1", "fc2")
 
 __all__ = ["MaskedLoRALinear", "RareTokenEmbedding", "LocalAdapterModel", "add_local_adapters"]
 
@@ -48,16 +51,24 @@ class MaskedLoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict({n: nn.Parameter(a0.clone()) for n in adapters})
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(base.out_features, rank)) for n in adapters})
         self.active = STUDENT
-        self.mask: Tensor | None = None  # [B, L] bool, set by LocalAdapterModel before each call
+        # [B, L] bool per token position, or [B] bool per sample; set by LocalAdapterModel.
+        self.mask: Tensor | None = None
 
     def forward(self, h: Tensor) -> Tensor:  # h [B, L, in]
         out = self.base(h)
         a, b = self.lora_A[self.active], self.lora_B[self.active]
         delta = (h @ a.T) @ b.T * self.scale  # [B, L, out]
         if self.mask is not None:
-            if self.mask.shape != h.shape[:2]:
-                raise ValueError(f"LoRA mask shape {tuple(self.mask.shape)} != token positions {tuple(h.shape[:2])}")
-            delta = delta * self.mask[..., None].to(delta.dtype)
+            m = self.mask
+            if m.ndim == 1:  # per-sample gate
+                if m.shape[0] != h.shape[0]:
+                    raise ValueError(f"LoRA gate has {m.shape[0]} samples, input has {h.shape[0]}")
+                m = m.view(-1, *([1] * (h.ndim - 1)))
+            elif m.shape != h.shape[:2]:
+                raise ValueError(f"LoRA mask shape {tuple(m.shape)} != token positions {tuple(h.shape[:2])}")
+            else:
+                m = m[..., None]
+            delta = delta * m.to(delta.dtype)
         return out + delta
 
 
@@ -102,7 +113,12 @@ class LocalAdapterModel(nn.Module):
         return mask
 
     def forward(self, x: Tensor, sigma: Tensor, context: ToyContext) -> Tensor:
-        mask = self.text_mask(context) if self.scope == "token_kv" else None
+        if self.scope == "token_kv":
+            mask = self.text_mask(context)  # [B, L'] rare-token positions
+        elif self.scope == "prompt_gated":
+            mask = self.text_mask(context).any(-1)  # [B] prompts that contain a rare token
+        else:
+            mask = None
         for layer in self._lora_layers():
             layer.mask = mask
         try:
@@ -167,16 +183,21 @@ def add_local_adapters(
         scope: "token_kv" (rare-token positions only) or "cross_attn" (every text position).
         train_embedding: also learn an embedding offset δ for the rare tokens.
     """
-    if scope not in ("token_kv", "cross_attn"):
-        raise ValueError(f"scope must be 'token_kv' or 'cross_attn', got {scope!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     model.requires_grad_(False)
+    targets = GATED_TARGETS if scope == "prompt_gated" else ("cross.kv",)
     for block in model.blocks:
-        block.cross.kv = MaskedLoRALinear(block.cross.kv, rank, alpha)
+        for name in targets:
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, attr, MaskedLoRALinear(getattr(parent, attr), rank, alpha))
     if train_embedding:
         model.text.tok = RareTokenEmbedding(model.text.tok, rare_ids)
-    wrapped = LocalAdapterModel(model, rare_ids, scope)
+    device = next(model.parameters()).device
+    wrapped = LocalAdapterModel(model, rare_ids, scope).to(device)  # new adapters/buffers join the model's device
     wrapped.requires_grad_(False)
     for p in lora_parameters(wrapped, STUDENT).values():
         p.requires_grad_(True)

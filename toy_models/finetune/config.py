@@ -82,7 +82,7 @@ class FinetuneConfig:
             "teacher": (self.teacher in ("ema", "frozen", "live"), "'ema', 'frozen' or 'live'"),
             "ema_decay": (0.0 <= self.ema_decay <= 1.0, "in [0, 1]"),
             "grad_strategy": (self.grad_strategy in ("per_step", "single"), "'per_step' or 'single'"),
-            "scope": (self.scope in ("token_kv", "cross_attn", "full"), "'token_kv', 'cross_attn' or 'full'"),
+            "scope": (self.scope in ("token_kv", "prompt_gated", "cross_attn", "full"), "'token_kv', 'prompt_gated', 'cross_attn' or 'full'"),
             "teacher_route": (self.teacher_route in ("tokens", "encoder"), "'tokens' or 'encoder'"),
             "steps": (self.steps >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),

@@ -32,13 +32,14 @@ from toy_models.recipes.common import EMA, base_parser, lr_at, setup, write_json
 from toy_models.sampling import noise_like
 
 
-def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float) -> list[ToyContext]:
-    """Text-only contexts, then reference contexts (tokens route, then encoder route)."""
+def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float, aligned_p: float = 0.8) -> list[ToyContext]:
+    """Text-only contexts, then reference contexts (tokens route, then encoder route);
+    a reference shares its target's placement with probability ``aligned_p``."""
     rng = np.random.default_rng([seed, 31337])
     mix = MixtureConfig()
     sp = [_text_spec(rng, mix) for _ in range(n_text)]
     out = [ToyContext(V.tokenize([D.caption(s) for s in sp]))]
-    trip = [_ref_pair(rng, mix, aligned_p=0.8) for _ in range(n_ref)]
+    trip = [_ref_pair(rng, mix, aligned_p=aligned_p) for _ in range(n_ref)]
     n_enc = int(round(n_ref * p_encoder))
     ref = D.render_batch([r for _, r, _ in trip])
     tok = V.tokenize([c for _, _, c in trip])
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-text", type=int, default=2048)
     p.add_argument("--n-ref", type=int, default=1024)
     p.add_argument("--p-encoder", type=float, default=0.15)
+    p.add_argument("--ref-aligned", type=float, default=0.8, help="share of cached references placed like their target")
     p.add_argument("--train-steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if cache_path.exists():
         cache = torch.load(cache_path)
     else:
-        ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder)
+        ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned)
         cache = []
         for i, c in enumerate(ctxs):
             noise = noise_like(c.batch_size, args.seed * 100 + i)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "recipe": "toy_models.recipes.distill",
         "command": "python -m toy_models.recipes.distill " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "K": K, "fine_steps": args.fine_steps, "n_text": args.n_text, "n_ref": args.n_ref,
-        "p_encoder": args.p_encoder, "train_steps": args.train_steps, "batch": args.batch, "lr": args.lr,
+        "p_encoder": args.p_encoder, "ref_aligned": args.ref_aligned, "train_steps": args.train_steps, "batch": args.batch, "lr": args.lr,
         "ema": args.ema, "base": args.base, "base_steps_done": base_info.get("steps_done"),
         "wall_clock_cache_s": round(t_cache, 1), "wall_clock_s": round(time.time() - t0, 1),
         "threads": torch.get_num_threads(),

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--history", default="", help="free-text note on how this run was resumed/extended (recorded)")
     p.add_argument("--late-from", type=int, default=0, help="from this step on, use --late-p-ref (0 = never)")
     p.add_argument("--late-p-ref", type=float, default=0.3, help="share of reference samples in the late phase")
+    p.add_argument("--jitter-from", type=int, default=0,
+                   help="from this step on, references are aligned with probability --jitter-aligned (0 = never): "
+                        "the teacher should carry the concept, not the target's placement")
+    p.add_argument("--jitter-aligned", type=float, default=0.0, help="aligned share of references after --jitter-from")
     args = p.parse_args(argv)
     setup(args)
     out = Path(args.out)
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),
             "history": args.history, "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
+            "jitter_from": args.jitter_from, "jitter_aligned": args.jitter_aligned,
             "threads": torch.get_num_threads(),
         })
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         cur = late_mix if args.late_from and step >= args.late_from else mix
+        if args.jitter_from and step >= args.jitter_from:
+            cur = dataclasses.replace(cur, aligned_start=args.jitter_aligned, aligned_end=args.jitter_aligned)
         parts = pretrain_batch(args.seed, step, args.batch, step / args.steps, cur)
         opt.zero_grad(set_to_none=True)
         total = 0.0
