@@ -10,7 +10,7 @@ Measured in one run, on the toy DiT (and on a tiny real Z-Image transformer from
   (forward+backward of the flow-matching loss) — as ratios measured in the same process;
 * **peak memory** of a D-OPSD step with per-step and with single backward, and of an SFT
   step, for K = 1, 2, 4, 8 and several batch sizes and resolutions — each case in a fresh
-  subprocess (CPU: peak-RSS growth over the loaded model; CUDA: ``max_memory_allocated``);
+  subprocess on CPU (peak-RSS growth over the loaded model), in-process on CUDA (``max_memory_allocated``);
 * **sampler throughput**: images per second at 4 steps;
 * **teacher overhead**: teacher forward through LoRA adapter switching vs a separate EMA copy.
 
@@ -232,6 +232,19 @@ def _memory_subprocess(case: Case, mode: str, device: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def _memory(case: Case, mode: str, device: torch.device) -> float:
+    """CUDA: in this process (``max_memory_allocated`` resets per case; a subprocess per case
+    would spend ~15 s on CUDA start-up); CPU: in a fresh subprocess (peak RSS)."""
+    if device.type != "cuda":
+        return _memory_subprocess(case, mode, str(device))
+    import gc
+
+    peak = memory_case(case, mode, str(device))["peak_mib"]
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
 # ----------------------------------------------------------------------------- sampler / teacher
 
 
@@ -400,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["time"].append({**asdict(c), **time_case(c, device, repeat)})
     for c in tqdm(mem_cases, desc="memory"):
         for mode in ("per_step", "single", "sft"):
-            report["memory"].append({**asdict(c), "mode": mode, "peak_mib": _memory_subprocess(c, mode, str(device))})
+            report["memory"].append({**asdict(c), "mode": mode, "peak_mib": _memory(c, mode, device)})
     report["sampler_images_per_s"] = sampler_throughput(device, repeat=repeat)
     report["teacher"] = teacher_overhead(device, repeat=repeat)
 
