@@ -21,7 +21,9 @@ caller: ``student = lambda x, s: model(x, s, c_s)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -57,6 +59,17 @@ class DOPSDOutput:
     teacher_velocity: Tensor | None = None
 
 
+def _step_weights(step_weights: Sequence[float] | Tensor | None, num_steps: int) -> list[float]:
+    if step_weights is None:
+        return [1.0] * num_steps
+    w = [float(v) for v in (step_weights.tolist() if isinstance(step_weights, Tensor) else step_weights)]
+    if len(w) != num_steps:
+        raise ValueError(f"step_weights has {len(w)} entries for a {num_steps}-step roll-out")
+    if not all(math.isfinite(v) and v >= 0 for v in w) or not any(v > 0 for v in w):
+        raise ValueError(f"step_weights must be finite, >= 0 and not all 0, got {w}")
+    return w
+
+
 def dopsd_rollout_loss(
     student: VelocityFn,
     teacher: VelocityFn,
@@ -67,6 +80,7 @@ def dopsd_rollout_loss(
     per_step_backward: bool = False,
     grad_scale: float = 1.0,
     return_velocities: bool = False,
+    step_weights: Sequence[float] | Tensor | None = None,
 ) -> DOPSDOutput:
     """Roll the student out on ``sigmas`` from ``noise`` and grade each state with the teacher.
 
@@ -83,6 +97,9 @@ def dopsd_rollout_loss(
             states are detached between steps.
         grad_scale: factor on the per-step backward (e.g. 1/accumulation steps).
         return_velocities: also return the detached student and teacher velocities.
+        step_weights: w_k ≥ 0 per roll-out step (default all 1): ``loss = Σ_k w_k·L_k / K``
+            (a teacher-timestep subset when some w_k = 0; the student still takes every
+            step, without a graph where w_k = 0). ``per_step`` stays unweighted.
 
     Returns:
         A :class:`DOPSDOutput`.
@@ -97,21 +114,24 @@ def dopsd_rollout_loss(
     sig = validate_sigmas(sigmas).to(device=noise.device, dtype=noise.dtype)
     sig_next = torch.cat([sig[1:], sig.new_zeros(1)])
     num_steps = sig.shape[0]
+    weights = _step_weights(step_weights, num_steps)
 
     x = noise.detach()
     states, per_step, losses, us, ut = [x], [], [], [], []
     for k in range(num_steps):
         s = sigma_batch(sig[k], x)  # [B]
-        u_s = check_velocity(student(x, s), x, role="student", step=k, sigma=sig[k])
+        w = weights[k]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0.0):
+            u_s = check_velocity(student(x, s), x, role="student", step=k, sigma=sig[k])
         with torch.no_grad():
             u_t = check_velocity(teacher(x, s), x, role="teacher", step=k, sigma=sig[k])
         loss_k = dopsd_step_loss(u_s, u_t.detach(), x, s, space)
 
         if per_step_backward:
             if loss_k.requires_grad:
-                (loss_k * (grad_scale / num_steps)).backward()
+                (loss_k * (w * grad_scale / num_steps)).backward()
         else:
-            losses.append(loss_k)
+            losses.append(loss_k * w)
         per_step.append(loss_k.detach())
         if return_velocities:
             us.append(u_s.detach())
@@ -126,7 +146,10 @@ def dopsd_rollout_loss(
     if not torch.isfinite(per_step_t).all():
         k = int((~torch.isfinite(per_step_t)).nonzero()[0])
         check_finite_loss(per_step_t[k], step=k, sigma=sig[k])
-    loss = per_step_t.mean() if per_step_backward else torch.stack(losses).mean()
+    if per_step_backward:
+        loss = (per_step_t * per_step_t.new_tensor(weights)).mean()
+    else:
+        loss = torch.stack(losses).mean()
     return DOPSDOutput(
         loss=loss,
         per_step=per_step_t,

@@ -40,12 +40,15 @@ class StepConfig:
         max_grad_norm: clip the global gradient norm to this value (None: no clipping, the
             norm is still measured).
         autocast_dtype: e.g. ``torch.bfloat16`` to run forwards under autocast; None: off.
+        step_weights: D-OPSD per-step loss weights w_k (None: all 1); see
+            :func:`dopsd_ref.dopsd_rollout_loss`.
     """
 
     space: Space = "x0"
     grad_strategy: Literal["per_step", "single"] = "per_step"
     max_grad_norm: float | None = 1.0
     autocast_dtype: torch.dtype | None = None
+    step_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.grad_strategy not in ("per_step", "single"):
@@ -163,6 +166,7 @@ def dopsd_train_step(
                     space=config.space,
                     per_step_backward=config.grad_strategy == "per_step",
                     grad_scale=scale,
+                    step_weights=config.step_weights,
                 )
             if config.grad_strategy == "single":
                 (out.loss * scale).backward()

@@ -83,6 +83,22 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def matched_checkpoint(log: list[dict[str, Any]], concept_acc: float) -> dict[str, Any] | None:
+    """The logged evaluation whose concept accuracy is closest to ``concept_acc`` (earliest on ties)."""
+    evals = [r for r in log if "concept_acc" in r and r["step"] > 0]
+    if not evals:
+        return None
+    return min(evals, key=lambda r: (abs(r["concept_acc"] - concept_acc), r["step"]))
+
+
+SCOPE_WORDS = {
+    "token_kv": "rare-token-local LoRA (cross-attention k/v at the rare token's positions)",
+    "prompt_gated": "prompt-gated LoRA (self/cross-attention and MLP, active only for prompts with the rare token)",
+    "cross_attn": "LoRA on every cross-attention k/v (not local)",
+    "full": "full-parameter fine-tuning",
+}
+
+
 def _grids(out: Path, name: str, student, prompts: EvalPrompts, device, steps: int = 4) -> None:
     from toy_models.viz import save_grid
 
@@ -162,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record("SFT, 32 steps", res.roles.module, steps=32)
         _grids(out, method, res.roles.module, prompts, device)
     plot_curves(logs, out / "curves.png")
+    # SFT at matched concept accuracy: its logged checkpoint closest to D-OPSD's final accuracy.
+    matched = matched_checkpoint(logs["sft"], rows["D-OPSD"]["concept_acc"])
+    if matched is not None:
+        rows[f"SFT @ step {matched['step']} (matched concept acc)"] = {k: matched[k] for k, _ in METRICS}
 
     table = results_table(rows)
     settings = {k: v for k, v in base_cfg.to_dict().items() if k not in ("method", "out")}
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{f' --threads {args.threads}' if args.threads else ''}` in {time.time() - t0:.0f} s on {device}"
         f" ({torch.get_num_threads()} CPU threads).",
         f"Targets: {len(targets)} images of the held-out concept `{prompts.concept}` named `{V.SHAPE_TOKEN}`;"
-        f" adapter: rare-token-local LoRA (rank {base_cfg.lora_rank}) + `{V.SHAPE_TOKEN}` embedding offset;"
+        f" adapter: {SCOPE_WORDS[base_cfg.scope]}, rank {base_cfg.lora_rank}, + `{V.SHAPE_TOKEN}` embedding offset;"
         f" lr {base_cfg.lr}, {args.steps} steps, batch {base_cfg.batch_size}, K = {base_cfg.rollout_steps},"
         f" EMA {base_cfg.ema_decay}, {base_cfg.space}-space loss. Means over {args.seeds} generation seeds.",
         f"The in-context teacher (base model, text + target image) draws the concept in {teacher_acc:.2f} of its samples.",

@@ -140,6 +140,43 @@ def test_per_step_backward_equals_single_backward(case, sigmas, space):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
 
 
+@given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]), data=st.data())
+def test_step_weights_weight_each_step(case, sigmas, space, data):
+    """With per-step weights w_k the loss is Σ_k w_k·L_k / K and its gradient is the same
+    weighted sum of the per-step gradients (per-step or single backward alike); the
+    roll-out states and the unweighted per-step losses do not depend on the weights."""
+    student, teacher, noise = _setup(case, sigmas)
+    K = len(sigmas)
+    w = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=K, max_size=K).filter(lambda v: any(v)))
+    plain = dopsd_rollout_loss(student, teacher, noise, sigmas, space=space)
+    expected = (plain.per_step * torch.tensor(w, dtype=plain.per_step.dtype)).mean()
+    per_k = []  # gradient of each L_k / K alone
+    for k in range(K):
+        student.zero_grad()
+        one = [0.0] * K
+        one[k] = 1.0
+        dopsd_rollout_loss(student, teacher, noise, sigmas, space=space, step_weights=one).loss.backward()
+        per_k.append(grads(student))
+    for per_step_backward in (False, True):
+        student.zero_grad()
+        out = dopsd_rollout_loss(student, teacher, noise, sigmas, space=space, step_weights=w,
+                                 per_step_backward=per_step_backward)
+        if not per_step_backward:
+            out.loss.backward()
+        assert torch.allclose(out.loss.detach(), expected, atol=1e-12, rtol=1e-9)
+        assert torch.equal(out.states, plain.states) and torch.equal(out.per_step, plain.per_step)
+        for i, g in enumerate(grads(student)):
+            assert torch.allclose(g, sum(wk * gk[i] for wk, gk in zip(w, per_k)), atol=1e-12, rtol=1e-9)
+
+
+def test_step_weights_bad_input():
+    """Weights of the wrong length, negative, non-finite or all zero are rejected by name."""
+    student, teacher, noise = _setup(("linear", 2, 3, 0), torch.tensor([1.0, 0.5]))
+    for bad in ([1.0], [1.0, -1.0], [1.0, float("nan")], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="step_weights"):
+            dopsd_rollout_loss(student, teacher, noise, torch.tensor([1.0, 0.5]), step_weights=bad)
+
+
 @given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]))
 def test_batch_loss_is_mean_of_per_sample_losses(case, sigmas, space):
     """For models that treat samples independently, the batch loss equals the mean of the

@@ -19,9 +19,23 @@ def test_demo_writes_table_grids_and_curves(tmp_path):
     out = tmp_path / "demo"
     result = main(["--model", str(tmp_path / "tiny"), "--steps", "2", "--eval-every", "1", "--seeds", "1",
                    "--out", str(out), "--device", "cpu"])
-    assert set(result["rows"]) == {"base", "base, 32 steps", "SFT", "SFT, 32 steps", "D-OPSD"}
+    matched = [r for r in result["rows"] if r.startswith("SFT @ step")]
+    assert set(result["rows"]) - set(matched) == {"base", "base, 32 steps", "SFT", "SFT, 32 steps", "D-OPSD"}
+    assert len(matched) == 1
     for f in ("results.md", "results.json", "curves.png", "targets.png", "teacher_samples.png",
               "samples_sft_train.png", "samples_dopsd_unseen.png"):
         assert (out / f).stat().st_size > 0, f
     assert "| D-OPSD |" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["curves"]["dopsd"][0]["step"] == 0
+
+
+def test_matched_checkpoint_picks_closest_accuracy():
+    """SFT is compared with D-OPSD at the logged SFT checkpoint whose concept accuracy is
+    closest to D-OPSD's (earliest on ties; the step-0 evaluation never counts)."""
+    from toy_models.demo import matched_checkpoint
+
+    log = [{"step": 0, "concept_acc": 0.8}, {"step": 1, "loss": 1.0}, {"step": 10, "concept_acc": 0.3},
+           {"step": 20, "concept_acc": 0.7}, {"step": 30, "concept_acc": 0.9}]
+    assert matched_checkpoint(log, 0.75)["step"] == 20
+    assert matched_checkpoint(log, 0.95)["step"] == 30
+    assert matched_checkpoint([{"step": 0, "concept_acc": 0.5}], 0.5) is None

@@ -35,12 +35,17 @@ class FinetuneConfig:
         data_seed: seed of a built-in set.
         steps, batch_size, lr, weight_decay, max_grad_norm: optimisation.
         rollout_steps: K, the student's roll-out length (uniform grid).
+        skip_first_steps: D-OPSD loss weight 0 on the first roll-out steps (a teacher-timestep
+            subset: the student still takes them, the teacher does not grade them).
         space: D-OPSD loss space, "x0" or "velocity".
         teacher: "ema", "frozen" or "live"; ema_decay: d.
         grad_strategy: "per_step" or "single".
         scope: "token_kv" (rare-token-local LoRA, default), "cross_attn" or "full".
         lora_rank, lora_alpha, train_embedding: adapter shape.
         teacher_route: how the teacher sees the target, "tokens" or "encoder".
+        teacher_ref: "moved" (the target translated to the student's current layout, a
+            placement-free teacher context: :mod:`toy_models.finetune.reference`) or
+            "target" (the raw target: the toy teacher then copies its placement).
         seed: training seed; device: "auto", "cpu", "cuda", ...
         ckpt_every: checkpoint period in steps (0: only at the end).
         eval_every: evaluation period in steps for the curves (0: never).
@@ -59,6 +64,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     rollout_steps: int = 4
+    skip_first_steps: int = 0
     space: str = "x0"
     teacher: str = "ema"
     ema_decay: float = 0.999
@@ -68,6 +74,7 @@ class FinetuneConfig:
     lora_alpha: float = 4.0
     train_embedding: bool = True
     teacher_route: str = "tokens"
+    teacher_ref: str = "moved"
     seed: int = 0
     device: str = "auto"
     ckpt_every: int = 50
@@ -84,9 +91,11 @@ class FinetuneConfig:
             "grad_strategy": (self.grad_strategy in ("per_step", "single"), "'per_step' or 'single'"),
             "scope": (self.scope in ("token_kv", "prompt_gated", "cross_attn", "full"), "'token_kv', 'prompt_gated', 'cross_attn' or 'full'"),
             "teacher_route": (self.teacher_route in ("tokens", "encoder"), "'tokens' or 'encoder'"),
+            "teacher_ref": (self.teacher_ref in ("moved", "target"), "'moved' or 'target'"),
             "steps": (self.steps >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "rollout_steps": (self.rollout_steps >= 1, ">= 1"),
+            "skip_first_steps": (0 <= self.skip_first_steps < self.rollout_steps, "in [0, rollout_steps)"),
             "lr": (self.lr > 0, "> 0"),
             "num_targets": (self.num_targets >= 1, ">= 1"),
             "lora_rank": (self.lora_rank >= 1, ">= 1"),

@@ -34,6 +34,7 @@ from toy_models.context import ToyContext
 from toy_models.dit import ToyDiT
 from toy_models.finetune.adapters import add_local_adapters
 from toy_models.finetune.config import FinetuneConfig
+from toy_models.finetune.reference import placement_matched_teacher
 from toy_models.finetune.targets import TargetSet, load_targets
 
 __all__ = ["Roles", "build_roles", "resolve_device", "run_finetune", "RunResult", "load_finetuned"]
@@ -197,7 +198,9 @@ def run_finetune(
     ckpt_dir = out / "checkpoints"
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(roles.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step_cfg = StepConfig(space=cfg.space, grad_strategy=cfg.grad_strategy, max_grad_norm=cfg.max_grad_norm)  # type: ignore[arg-type]
+    weights = tuple(0.0 if k < cfg.skip_first_steps else 1.0 for k in range(cfg.rollout_steps)) if cfg.skip_first_steps else None
+    step_cfg = StepConfig(space=cfg.space, grad_strategy=cfg.grad_strategy, max_grad_norm=cfg.max_grad_norm,  # type: ignore[arg-type]
+                          step_weights=weights)
     sigmas = dopsd_ref.uniform_sigmas(cfg.rollout_steps)
     log: list[dict[str, Any]] = []
     start = 0
@@ -239,9 +242,12 @@ def run_finetune(
         idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen)
         noise = torch.randn(cfg.batch_size, *pool.images.shape[1:], generator=gen).to(device)
         sctx, tctx = _contexts(pool, idx, cfg.teacher_route, device)
+        teacher = roles.teacher
+        if cfg.teacher_ref == "moved":
+            teacher = placement_matched_teacher(roles.teacher, roles.module, sctx)
         try:
             if cfg.method == "dopsd":
-                res = dopsd_ref.dopsd_train_step(roles.module, roles.teacher, [MicroBatch(noise, sctx, tctx)], sigmas,
+                res = dopsd_ref.dopsd_train_step(roles.module, teacher, [MicroBatch(noise, sctx, tctx)], sigmas,
                                                  opt, roles.params, step_cfg, roles.update_teacher, step=step + 1)
                 loss, per_step, gnorm = res.loss, res.per_step.tolist(), res.grad_norm
             elif cfg.method in ("sft", "sft_teacher"):
@@ -251,7 +257,7 @@ def run_finetune(
                 loss, per_step, gnorm = res.loss, [], res.grad_norm
             else:  # offpolicy
                 l = dopsd_ref.offpolicy_distillation_loss(
-                    lambda x, s: roles.module(x, s, sctx), lambda x, s: roles.teacher(x, s, tctx),
+                    lambda x, s: roles.module(x, s, sctx), lambda x, s: teacher(x, s, tctx),
                     pool.images[idx].to(device), noise, sigmas, cfg.space)  # type: ignore[arg-type]
                 l.backward()
                 gnorm = apply_gradients(roles.params, opt, step_cfg, roles.update_teacher, step + 1)
