@@ -3,7 +3,8 @@
     python -m toy_models.experiments concept    [--train-seeds 2] [--gen-seeds 3] [--steps 150]
     python -m toy_models.experiments style
     python -m toy_models.experiments domain     # full-parameter fine-tuning to the pastel domain
-    python -m toy_models.experiments ablations  # teacher modes, loss space, K, gradient strategy
+    python -m toy_models.experiments ablations  # teacher modes, loss space, K, gradient strategy,
+                                                # teacher reference (moved vs raw target), σ = 1 step
 
 Every run is evaluated at 4 steps (and SFT also at 32) over ``--gen-seeds`` generation seeds
 for each of ``--train-seeds`` training seeds. Each table reports the mean per metric and, for
@@ -77,6 +78,8 @@ def suite(name: str) -> tuple[dict[str, Any], list[Variant]]:
             Variant("K = 2", {"method": "dopsd", "rollout_steps": 2}),
             Variant("K = 8", {"method": "dopsd", "rollout_steps": 8}),
             Variant("single backward", {"method": "dopsd", "grad_strategy": "single"}),
+            Variant("teacher sees the raw target", {"method": "dopsd", "teacher_ref": "target"}),
+            Variant("no loss on the σ = 1 step", {"method": "dopsd", "skip_first_steps": 1}),
         ]
     raise ValueError(f"unknown suite {name!r}; choose concept, style, domain or ablations")
 

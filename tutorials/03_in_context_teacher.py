@@ -164,9 +164,14 @@ for name, rows in list(stats.items())[1:]:
 # reference's pixels. Placement is a weaker case in the toy: its pre-training showed
 # references at the target's own position most of the time (see `toy_models/README.md`), so
 # the teacher may put the L where the reference has it — the printed verdict says which.
-# For D-OPSD this is harmless, since the teacher is always given the target itself; it is the
-# toy's version of the warning in the method notes that a teacher which copies its reference
-# too literally would teach the student a copy.
+# For D-OPSD this matters. Given the raw target, a placement-copying teacher asks the
+# text-only student for the L *at the target's position*, which the student cannot know; at
+# σ = 1 the student then regresses onto the average of the targets' placements, a blob, and
+# barely learns the concept. This is the toy's version of the warning in the method notes
+# that a teacher which copies its reference too literally teaches a copy, not the concept.
+# The toy fine-tuning therefore moves the target to where the student is drawing before the
+# teacher sees it (`toy_models.finetune.reference`, tutorial 4), a context that carries the
+# concept and leaves the layout to the student.
 
 # %% [markdown]
 # ## 4. The teacher reads the image, not a memorised answer

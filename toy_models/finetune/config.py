@@ -40,7 +40,9 @@ class FinetuneConfig:
         space: D-OPSD loss space, "x0" or "velocity".
         teacher: "ema", "frozen" or "live"; ema_decay: d.
         grad_strategy: "per_step" or "single".
-        scope: "token_kv" (rare-token-local LoRA, default), "cross_attn" or "full".
+        scope: "prompt_gated" (default: LoRA on attention and MLP, active only for prompts
+            with a rare token), "token_kv" (LoRA on cross-attention k/v at the rare token's
+            positions), "cross_attn" (every cross-attention k/v, not local) or "full".
         lora_rank, lora_alpha, train_embedding: adapter shape.
         teacher_route: how the teacher sees the target, "tokens" or "encoder".
         teacher_ref: "moved" (the target translated to the student's current layout, a
@@ -60,7 +62,7 @@ class FinetuneConfig:
     data_seed: int = 1234
     steps: int = 150
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     rollout_steps: int = 4
@@ -69,9 +71,9 @@ class FinetuneConfig:
     teacher: str = "ema"
     ema_decay: float = 0.999
     grad_strategy: str = "per_step"
-    scope: str = "token_kv"
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
+    scope: str = "prompt_gated"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
     train_embedding: bool = True
     teacher_route: str = "tokens"
     teacher_ref: str = "moved"
