@@ -9,7 +9,7 @@ native 4 steps over several generation seeds. Writes to ``--out``:
 * ``targets.png``, ``teacher_samples.png``, ``samples_<model>_<prompts>.png`` — grids;
 * ``curves.png`` — loss, concept accuracy and toy-FID against fine-tuning steps.
 
-    python -m toy_models.demo [--steps 150] [--seed 0] [--out outputs/demo] [--device auto]
+    python -m toy_models.demo [--steps 150] [--seed 0] [--out outputs/demo] [--device auto] [--sft-factor 4]
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="toy-dit-turbo4", help="shipped model name or folder")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--sft-factor", type=int, default=4,
+                   help="also train SFT for this many times the steps (about D-OPSD's compute; 1: off)")
     p.add_argument("--teacher-ref", default="moved", choices=("moved", "target"),
                    help="D-OPSD teacher's reference: the target moved to the student's layout, or the raw target")
     args = p.parse_args(argv)
@@ -169,23 +171,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logs: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
-    for method in ("sft", "dopsd"):
-        cfg = base_cfg.replace(method=method, out=str(out / "runs" / method))
+    runs = [("sft", "SFT", base_cfg), ("dopsd", "D-OPSD", base_cfg)]
+    if args.sft_factor > 1:  # about D-OPSD's compute: an SFT step costs ~1/4 of a K = 4 roll-out
+        runs.insert(1, ("sft_long", f"SFT, {args.sft_factor}× steps",
+                        base_cfg.replace(steps=args.sft_factor * args.steps, eval_every=args.sft_factor * args.eval_every)))
+    for key, name, run_cfg in runs:
+        method = "sft" if key.startswith("sft") else "dopsd"
+        cfg = run_cfg.replace(method=method, out=str(out / "runs" / key))
         res = run_finetune(cfg, targets=targets, evaluate=evaluate)
-        logs[method] = res.log
-        timings[method] = res.seconds
-        name = {"sft": "SFT", "dopsd": "D-OPSD"}[method]
+        logs[name] = res.log
+        timings[name] = res.seconds
         record(name, res.roles.module)
-        if method == "sft":
+        if key == "sft":
             record("SFT, 32 steps", res.roles.module, steps=32)
-        _grids(out, method, res.roles.module, prompts, device)
+        _grids(out, key, res.roles.module, prompts, device)
     plot_curves(logs, out / "curves.png")
-    # Matched concept accuracy: the method that ends higher, at its logged checkpoint closest
-    # to the other's final accuracy (quality compared where both draw the concept as often).
-    hi, lo = ("D-OPSD", "SFT") if rows["D-OPSD"]["concept_acc"] >= rows["SFT"]["concept_acc"] else ("SFT", "D-OPSD")
-    matched = matched_checkpoint(logs[{"SFT": "sft", "D-OPSD": "dopsd"}[hi]], rows[lo]["concept_acc"])
-    if matched is not None:
-        rows[f"{hi} @ step {matched['step']} (matched to {lo})"] = {k: matched[k] for k, _ in METRICS}
+    # Matched concept accuracy: for each SFT run, the method that ends higher at its logged
+    # checkpoint closest to the other's final accuracy (quality where both draw the concept
+    # about as often).
+    for sft_name in [n for _, n, _ in runs if n.startswith("SFT")]:
+        hi, lo = ("D-OPSD", sft_name) if rows["D-OPSD"]["concept_acc"] >= rows[sft_name]["concept_acc"] else (sft_name, "D-OPSD")
+        matched = matched_checkpoint(logs[hi], rows[lo]["concept_acc"])
+        if matched is not None:
+            rows[f"{hi} @ step {matched['step']} (matched to {lo})"] = {k: matched[k] for k, _ in METRICS}
 
     table = results_table(rows)
     settings = {k: v for k, v in base_cfg.to_dict().items() if k not in ("method", "out")}
@@ -202,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" EMA {base_cfg.ema_decay}, {base_cfg.space}-space loss; D-OPSD teacher reference:"
         f" {'the target moved to the student’s layout' if args.teacher_ref == 'moved' else 'the raw target'}."
         f" Means over {args.seeds} generation seeds.",
-        f"The in-context teacher (base model, text + target image) draws the concept in {teacher_acc:.2f} of its samples.",
+        f"The in-context teacher (base model, text + target image) draws the concept in {teacher_acc:.2f} of its samples."
+        + (f" `SFT, {args.sft_factor}× steps` trains {args.sft_factor * args.steps} steps, about D-OPSD's compute."
+           if args.sft_factor > 1 else ""),
         "",
         table,
         "",

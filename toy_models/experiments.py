@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--model", default="toy-dit-turbo4")
     p.add_argument("--out", default="outputs/experiments")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     run_suite(a.suite, a.train_seeds, a.gen_seeds, a.steps, Path(a.out), a.device, a.model)
 
 

@@ -2,6 +2,7 @@
 
     python tutorials/make_figures.py            # all six (about half an hour on 2 CPU cores)
     python tutorials/make_figures.py 04 05      # some of them
+    python tutorials/make_figures.py demo       # copy the main job's figures from outputs/demo
 
 Each tutorial runs as a subprocess (full mode, ``DOPSD_TUTORIAL_OUT=outputs/tutorials``);
 the wall-clock of each is printed and written to ``docs/figures/timings.json``.
@@ -31,9 +32,26 @@ FIGURES = {
 }
 
 
+DEMO = ["curves.png", "targets.png", "samples_sft_train.png", "samples_sft_long_train.png", "samples_dopsd_train.png",
+        "samples_sft_unseen.png", "samples_dopsd_unseen.png"]
+
+
+def copy_demo(folder: Path = REPO / "outputs" / "demo") -> int:
+    """Copy the main job's figures (``python -m toy_models.demo`` writes them) as ``demo_*.png``."""
+    for fig in DEMO:
+        if not (folder / fig).exists():
+            print(f"[figures] {folder / fig} missing: run `python -m toy_models.demo` first")
+            return 1
+        shutil.copyfile(folder / fig, DEST / f"demo_{fig}")
+    print(f"[figures] copied the demo's {len(DEMO)} figures from {folder}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    chosen = [t for t in FIGURES if not argv or any(t.startswith(a) for a in argv)]
     DEST.mkdir(parents=True, exist_ok=True)
+    if argv == ["demo"]:
+        return copy_demo()
+    chosen = [t for t in FIGURES if not argv or any(t.startswith(a) for a in argv)]
     timings_path = DEST / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     env = {**os.environ, "DOPSD_TUTORIAL_FAST": "0", "DOPSD_TUTORIAL_OUT": str(OUT)}

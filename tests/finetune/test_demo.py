@@ -18,15 +18,16 @@ def test_demo_writes_table_grids_and_curves(tmp_path):
     toy_dit_xs().save_pretrained(tmp_path / "tiny")
     out = tmp_path / "demo"
     result = main(["--model", str(tmp_path / "tiny"), "--steps", "2", "--eval-every", "1", "--seeds", "1",
-                   "--out", str(out), "--device", "cpu"])
+                   "--sft-factor", "2", "--out", str(out), "--device", "cpu"])
     matched = [r for r in result["rows"] if " @ step " in r]
-    assert set(result["rows"]) - set(matched) == {"base", "base, 32 steps", "SFT", "SFT, 32 steps", "D-OPSD"}
-    assert len(matched) == 1
+    assert set(result["rows"]) - set(matched) == {"base", "base, 32 steps", "SFT", "SFT, 32 steps", "SFT, 2× steps",
+                                                  "D-OPSD"}
+    assert len(matched) == 2  # one per SFT run
     for f in ("results.md", "results.json", "curves.png", "targets.png", "teacher_samples.png",
-              "samples_sft_train.png", "samples_dopsd_unseen.png"):
+              "samples_sft_train.png", "samples_sft_long_train.png", "samples_dopsd_unseen.png"):
         assert (out / f).stat().st_size > 0, f
     assert "| D-OPSD |" in (out / "results.md").read_text()
-    assert json.loads((out / "results.json").read_text())["curves"]["dopsd"][0]["step"] == 0
+    assert json.loads((out / "results.json").read_text())["curves"]["D-OPSD"][0]["step"] == 0
 
 
 def test_matched_checkpoint_picks_closest_accuracy():
