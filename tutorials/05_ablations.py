@@ -12,7 +12,8 @@
 # # 5 · Ablations: teacher, loss space, K, and memory
 #
 # Tutorial 4 fixed every choice. Here we vary them one at a time on the same task (the L
-# glyph under `sks`, rare-token-local adapter, 4-step toy model), using the library's
+# glyph under `sks`, prompt-gated LoRA, teacher shown the target moved to the student's layout,
+# 4-step toy model), using the library's
 # training loop `toy_models.finetune.train.run_finetune` — the same loop as tutorial 4,
 # configured by a `FinetuneConfig`:
 #
