@@ -1,9 +1,11 @@
 """The main job: D-OPSD vs SFT vs the untouched base on the shipped 4-step toy model.
 
 Learns the held-out "L" glyph (never seen in base training), named by the rare token
-``sks``, from a few image–caption pairs with a rare-token-local LoRA — the same adapter,
-learning rate and step budget for both objectives — and evaluates every model at its
-native 4 steps over several generation seeds. Writes to ``--out``:
+``sks``, from a few image–caption pairs with a prompt-gated LoRA (on only for prompts with
+``sks``) — the same adapter, learning rate and step budget for both objectives, plus SFT
+with ``--sft-factor`` times the steps (about D-OPSD's compute) — and evaluates every model
+at its native 4 steps over several generation seeds. The D-OPSD teacher sees the target
+moved to the student's layout (:mod:`toy_models.finetune.reference`). Writes to ``--out``:
 
 * ``results.md`` / ``results.json`` — the table (and per-seed values, curves, settings);
 * ``targets.png``, ``teacher_samples.png``, ``samples_<model>_<prompts>.png`` — grids;
