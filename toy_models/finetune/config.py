@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from toy_models.finetune.adapters import SCOPES
+
 __all__ = ["FinetuneConfig", "METHODS", "load_config", "add_config_flags", "config_from_args"]
 
 METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher")
@@ -91,7 +93,7 @@ class FinetuneConfig:
             "teacher": (self.teacher in ("ema", "frozen", "live"), "'ema', 'frozen' or 'live'"),
             "ema_decay": (0.0 <= self.ema_decay <= 1.0, "in [0, 1]"),
             "grad_strategy": (self.grad_strategy in ("per_step", "single"), "'per_step' or 'single'"),
-            "scope": (self.scope in ("token_kv", "prompt_gated", "cross_attn", "full"), "'token_kv', 'prompt_gated', 'cross_attn' or 'full'"),
+            "scope": (self.scope in (*SCOPES, "full"), f"one of {(*SCOPES, 'full')}"),
             "teacher_route": (self.teacher_route in ("tokens", "encoder"), "'tokens' or 'encoder'"),
             "teacher_ref": (self.teacher_ref in ("moved", "target"), "'moved' or 'target'"),
             "steps": (self.steps >= 1, ">= 1"),
