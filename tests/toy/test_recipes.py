@@ -2,9 +2,16 @@
 
 import json
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from toy_models.dit import ToyDiT
+from toy_models import data as D
+from toy_models import vocab as V
+from toy_models.context import ToyContext
+
+from toy_models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.evaluator import ToyEvaluator
 from toy_models.recipes import distill, pretrain, train_evaluator
 
@@ -29,6 +36,50 @@ def test_pretrain_then_distill_tiny(tmp_path):
                   "--train-steps", "2", "--batch", "8", "--cache", str(tmp_path / "cache.pt"), "--threads", "1"])
     assert json.loads((out / "training.json").read_text())["K"] == 4
     assert ToyDiT.from_pretrained(out).config == m1.config
+    # guidance distillation: a cache made without guidance is refused, naming the file
+    g_args = ["--base", str(base), "--out", str(tmp_path / "turbo-g"), "--n-text", "8", "--n-ref", "8", "--fine-steps", "4",
+              "--train-steps", "2", "--batch", "8", "--threads", "1", "--guidance", "2"]
+    with pytest.raises(ValueError, match="cache.pt.*guidance 1.0"):
+        distill.main(g_args + ["--cache", str(tmp_path / "cache.pt")])
+    distill.main(g_args + ["--cache", str(tmp_path / "cache-g.pt")])
+    assert json.loads((tmp_path / "turbo-g" / "training.json").read_text())["guidance"] == 2.0
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6))
+def test_guidance_negative_replaces_only_the_shape_word(seed, n):
+    """Text-only c⁻ is the caption with its known shape word replaced by ``sks`` and every
+    other token unchanged; a reference context's c⁻ is the same caption with no reference."""
+    specs = D.specs(seed, n)
+    tok = V.tokenize([D.caption(s) for s in specs])
+    neg = distill.guidance_negative(ToyContext(tok))
+    assert not neg.has_ref
+    assert torch.equal(neg.tokens, V.tokenize([D.caption(s, shape_word=V.SHAPE_TOKEN) for s in specs]))
+    ref = D.render_batch(specs)
+    neg_ref = distill.guidance_negative(ToyContext(tok, ref, "tokens"))
+    assert not neg_ref.has_ref and torch.equal(neg_ref.tokens, tok)
+
+
+def test_guided_velocity_is_the_cfg_combination():
+    """``v_w = v(c⁻) + w·(v(c) − v(c⁻))``: w = 1 is the plain velocity, w = 0 the negative's,
+    and v_w is affine in w."""
+    torch.manual_seed(0)
+    model = TOY_DIT_SIZES["XS"]().eval()
+    with torch.no_grad():  # leave the zero-initialised output layer
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    specs = D.specs(3, 4)
+    ctx = ToyContext(V.tokenize([D.caption(s) for s in specs]))
+    x = torch.randn(4, 3, 16, 16)
+    sig = torch.full((4,), 0.6)
+    with torch.no_grad():
+        v1 = distill.guided_velocity(model, x, sig, ctx, 1.0)
+        v0 = distill.guided_velocity(model, x, sig, ctx, 0.0)
+        v3 = distill.guided_velocity(model, x, sig, ctx, 3.0)
+        torch.testing.assert_close(v1, model(x, sig, ctx))
+        torch.testing.assert_close(v0, model(x, sig, distill.guidance_negative(ctx)))
+        torch.testing.assert_close(v3, v0 + 3.0 * (v1 - v0))
+        assert not torch.allclose(v1, v0)
 
 
 def test_train_evaluator_tiny(tmp_path):
