@@ -18,7 +18,8 @@ DESCRIPTIONS = {
            "Sample it with >= 32 Euler steps for best quality."),
     TURBO: ("4-step distilled toy DiT: the step-distilled ('turbo') model that D-OPSD fine-tunes. Sample it with "
             "4 uniform Euler steps, sigma = 1, 0.75, 0.5, 0.25 -> 0. Text-only context = student; caption + "
-            "reference image = the in-context teacher."),
+            "reference image = the in-context teacher. Guidance-distilled (when the recipe's `guidance` > 1): it "
+            "samples without classifier-free guidance, which is baked in from the base's guided ODE."),
     EVALUATOR: ("Evaluator CNN: classifies shape (6 known + ell + glyph), colour, background, fill style, size, "
                 "domain. Its 128-d pooled features define toy-FID. Trained on procedural data that includes the "
                 "held-out concepts the diffusion models never saw."),
@@ -52,7 +53,7 @@ def card(name: str, acc: dict) -> str:
             f"- wall-clock: {tr.get('wall_clock_s', '?')} s on {tr.get('threads', '?')} CPU thread(s) (shared 2-core machine)"]
     if tr.get("history"):
         body.append(f"- history (resumed run): {tr['history']}")
-    for k in ("steps_done", "steps_planned", "steps", "train_steps", "batch", "lr", "ema", "params", "fine_steps", "base_steps_done", "wall_clock_cache_s"):
+    for k in ("steps_done", "steps_planned", "steps", "train_steps", "batch", "lr", "ema", "params", "fine_steps", "guidance", "base_steps_done", "wall_clock_cache_s"):
         if k in tr:
             body.append(f"- {k}: {tr[k]}")
     if "heldout_clean_accuracy" in tr:
