@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from toy_models import data as D
 from toy_models import vocab as V
 from toy_models.context import ToyContext
+from toy_models.guidance import GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity
 
 from toy_models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.evaluator import ToyEvaluator
@@ -52,11 +53,11 @@ def test_guidance_negative_replaces_only_the_shape_word(seed, n):
     other token unchanged; a reference context's c⁻ is the same caption with no reference."""
     specs = D.specs(seed, n)
     tok = V.tokenize([D.caption(s) for s in specs])
-    neg = distill.guidance_negative(ToyContext(tok))
+    neg = guidance_negative(ToyContext(tok))
     assert not neg.has_ref
     assert torch.equal(neg.tokens, V.tokenize([D.caption(s, shape_word=V.SHAPE_TOKEN) for s in specs]))
     ref = D.render_batch(specs)
-    neg_ref = distill.guidance_negative(ToyContext(tok, ref, "tokens"))
+    neg_ref = guidance_negative(ToyContext(tok, ref, "tokens"))
     assert not neg_ref.has_ref and torch.equal(neg_ref.tokens, tok)
 
 
@@ -73,16 +74,41 @@ def test_guided_velocity_is_the_cfg_combination():
     x = torch.randn(4, 3, 16, 16)
     sig = torch.full((4,), 0.6)
     with torch.no_grad():
-        v1 = distill.guided_velocity(model, x, sig, ctx, 1.0)
-        v0 = distill.guided_velocity(model, x, sig, ctx, 0.0)
-        v3 = distill.guided_velocity(model, x, sig, ctx, 3.0)
+        v1 = guided_velocity(model, x, sig, ctx, 1.0)
+        v0 = guided_velocity(model, x, sig, ctx, 0.0)
+        v3 = guided_velocity(model, x, sig, ctx, 3.0)
         torch.testing.assert_close(v1, model(x, sig, ctx))
-        torch.testing.assert_close(v0, model(x, sig, distill.guidance_negative(ctx)))
+        torch.testing.assert_close(v0, model(x, sig, guidance_negative(ctx)))
         torch.testing.assert_close(v3, v0 + 3.0 * (v1 - v0))
         assert not torch.allclose(v1, v0)
+        torch.testing.assert_close(GuidedDenoiser(model, 3.0)(x, sig, ctx), v3)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6))
+def test_drop_shape_word_removes_only_the_shape_word(seed, n):
+    """The sweep's alternative c⁻ is the caption with the shape word deleted (not replaced)."""
+    specs = D.specs(seed, n)
+    tok = V.tokenize([D.caption(s) for s in specs])
+    got = V.detokenize(drop_shape_word(ToyContext(tok)).tokens)
+    assert got == [" ".join(w for w in D.caption(s).split() if w not in V.KNOWN_SHAPES) for s in specs]
 
 
 def test_train_evaluator_tiny(tmp_path):
     train_evaluator.main(["--steps", "2", "--batch", "8", "--out", str(tmp_path / "ev"), "--threads", "1"])
     assert "heldout_clean_accuracy" in json.loads((tmp_path / "ev" / "training.json").read_text())
     ToyEvaluator.from_pretrained(tmp_path / "ev")
+
+
+def test_guidance_sweep_cli_smoke(tmp_path, capsys):
+    """``python -m toy_models.guidance`` runs on the shipped base at a tiny size and writes one
+    row per (negative, scale) for text-only prompts and one per scale for reference copying."""
+    from toy_models import guidance
+
+    out = tmp_path / "sweep.json"
+    guidance.main(["--n", "8", "--steps", "2", "--scales", "1", "2", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["context"], r["negative"], r["w"]) for r in rows] == [
+        ("text-only", "rare token", 1.0), ("text-only", "rare token", 2.0), ("text-only", "shape word dropped", 2.0),
+        ("aligned reference", "no reference", 1.0), ("aligned reference", "no reference", 2.0)]
+    assert "| text-only | rare token | 2.0 |" in capsys.readouterr().out

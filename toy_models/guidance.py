@@ -1,0 +1,135 @@
+"""Classifier-free guidance for the toy denoiser, and the sweep that chose the distillation's.
+
+The shipped 4-step model is *guidance-distilled* (as Z-Image-Turbo and FLUX.2-klein are):
+its recipe caches the base model's ODE under the guided velocity
+
+    v_w(x, σ, c) = v(x, σ, c⁻) + w·(v(x, σ, c) − v(x, σ, c⁻))
+
+and the student learns to follow it without guidance. The toy base was never trained with
+an empty caption, so the negative context c⁻ is built from the positive one
+(:func:`guidance_negative`).
+
+    python -m toy_models.guidance --n 256 --steps 16      # the sweep quoted in toy_models/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from toy_models import data as D
+from toy_models import vocab as V
+from toy_models.context import ToyContext
+
+_SHAPE_IDS = torch.tensor([V.WORD_TO_ID[w] for w in V.KNOWN_SHAPES])
+
+
+def guidance_negative(ctx: ToyContext) -> ToyContext:
+    """The negative context c⁻ used for guidance of ``ctx``.
+
+    Reference contexts: the same caption without the reference (guidance towards the
+    reference's concept). Text-only contexts: the caption with every known shape word
+    replaced by the rare token ``sks`` ("the shape of an absent reference"), i.e. guidance
+    towards the named shape.
+    """
+    if ctx.has_ref:
+        return ToyContext(ctx.tokens)
+    tok = ctx.tokens.clone()  # [B, L]
+    tok[torch.isin(tok, _SHAPE_IDS.to(tok.device))] = V.WORD_TO_ID[V.SHAPE_TOKEN]
+    return ToyContext(tok)
+
+
+def drop_shape_word(ctx: ToyContext) -> ToyContext:
+    """Alternative c⁻ (measured worse, kept for the sweep): the caption without its shape word."""
+    rows = [[t for t in row.tolist() if t != 0 and t not in _SHAPE_IDS.tolist()] for row in ctx.tokens.cpu()]
+    tok = torch.zeros_like(ctx.tokens, device="cpu")
+    for i, r in enumerate(rows):
+        tok[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ToyContext(tok.to(ctx.tokens.device))
+
+
+def guided_velocity(model: nn.Module, x: Tensor, sigma: Tensor, ctx: ToyContext, scale: float,
+                    negative: Callable[[ToyContext], ToyContext] = guidance_negative) -> Tensor:
+    """``v_w = v(x, σ, c⁻) + w·(v(x, σ, c) − v(x, σ, c⁻))``; the plain ``v(x, σ, c)`` when w = 1."""
+    v = model(x, sigma, ctx)  # [B, 3, H, W]
+    if scale == 1.0:
+        return v
+    v_neg = model(x, sigma, negative(ctx))
+    return v_neg + scale * (v - v_neg)
+
+
+class GuidedDenoiser(nn.Module):
+    """``model`` under guidance scale ``w``, with the velocity-model call signature, so the
+    samplers and evaluations in :mod:`toy_models.evaluate` take it unchanged."""
+
+    def __init__(self, model: nn.Module, scale: float,
+                 negative: Callable[[ToyContext], ToyContext] = guidance_negative) -> None:
+        super().__init__()
+        self.model, self.scale, self.negative = model, scale, negative
+
+    def forward(self, x: Tensor, sigma: Tensor, ctx: ToyContext) -> Tensor:
+        return guided_velocity(self.model, x, sigma, ctx, self.scale, self.negative)
+
+
+def sweep(model: nn.Module, n: int, steps: int, scales: Sequence[float], seed: int = 0) -> list[dict]:
+    """Text-only shape accuracy / toy-FID / palette (both negatives) and aligned-reference copy
+    accuracy of ``model`` sampled with ``steps`` Euler steps at each guidance scale."""
+    from toy_models.evaluate import copy_accuracy, eval_prompts, real_known
+    from toy_models.hub import load_evaluator
+
+    ev = load_evaluator()
+    known, real = D.specs(seed, n), real_known(n, seed + 777)
+    trained = D.specs(seed + 13, max(n // 2, 64))  # the acceptance script's copy targets
+    rows = []
+    for name, neg in (("rare token", guidance_negative), ("shape word dropped", drop_shape_word)):
+        for w in scales:
+            if w == 1.0 and name != "rare token":
+                continue
+            r = eval_prompts(GuidedDenoiser(model, w, neg), ev, known, steps, seed, real)
+            rows.append({"context": "text-only", "negative": name, "w": w, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    for w in scales:
+        r = copy_accuracy(GuidedDenoiser(model, w), ev, trained, steps, "aligned", "tokens", seed)
+        rows.append({"context": "aligned reference", "negative": "no reference", "w": w, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Guidance sweep of the toy base model (chooses the distillation's w).")
+    p.add_argument("--model", default=None, help="model folder (default: the shipped base)")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from toy_models.dit import ToyDiT
+    from toy_models.hub import load_base
+
+    model = (load_base() if args.model is None else ToyDiT.from_pretrained(args.model)).eval()
+    t0 = time.time()
+    rows = sweep(model, args.n, args.steps, args.scales, args.seed)
+    print(f"\n{args.steps} Euler steps, n = {args.n}, seed {args.seed} ({time.time() - t0:.0f} s)\n")
+    print("| context | c⁻ | w | shape acc | toy-FID | palette |\n|---|---|---|---|---|---|")
+    for r in rows:
+        fid = f"{r['toy_fid']:.2f}" if "toy_fid" in r else "–"
+        pal = f"{r['palette']:.4f}" if "palette" in r else "–"
+        acc = r.get("shape_acc", r.get("acc"))
+        print(f"| {r['context']} | {r['negative']} | {r['w']} | {acc:.3f} | {fid} | {pal} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
