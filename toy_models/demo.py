@@ -93,6 +93,21 @@ def matched_checkpoint(log: list[dict[str, Any]], concept_acc: float) -> dict[st
     return min(evals, key=lambda r: (abs(r["concept_acc"] - concept_acc), r["step"]))
 
 
+def matched_rows(rows: dict[str, dict[str, Any]], logs: dict[str, list[dict[str, Any]]],
+                 sft_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Matched-accuracy rows: for each SFT run, the method that ends higher, at its logged
+    checkpoint closest to the other's final concept accuracy. One row per checkpoint: when
+    several SFT runs match the same checkpoint, its label names them all."""
+    found: dict[tuple[str, int], tuple[list[str], dict[str, Any]]] = {}
+    for sft_name in sft_names:
+        hi, lo = ("D-OPSD", sft_name) if rows["D-OPSD"]["concept_acc"] >= rows[sft_name]["concept_acc"] else (sft_name, "D-OPSD")
+        m = matched_checkpoint(logs[hi], rows[lo]["concept_acc"])
+        if m is not None:
+            found.setdefault((hi, m["step"]), ([], m))[0].append(lo)
+    return {f"{hi} @ step {step} (matched to {'; '.join(los)})": {k: m[k] for k, _ in METRICS}
+            for (hi, step), (los, m) in found.items()}
+
+
 SCOPE_WORDS = {
     "token_kv": "rare-token-local LoRA (cross-attention k/v at the rare token's positions)",
     "prompt_gated": "prompt-gated LoRA (self/cross-attention and MLP, active only for prompts with the rare token)",
@@ -191,11 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Matched concept accuracy: for each SFT run, the method that ends higher at its logged
     # checkpoint closest to the other's final accuracy (quality where both draw the concept
     # about as often).
-    for sft_name in [n for _, n, _ in runs if n.startswith("SFT")]:
-        hi, lo = ("D-OPSD", sft_name) if rows["D-OPSD"]["concept_acc"] >= rows[sft_name]["concept_acc"] else (sft_name, "D-OPSD")
-        matched = matched_checkpoint(logs[hi], rows[lo]["concept_acc"])
-        if matched is not None:
-            rows[f"{hi} @ step {matched['step']} (matched to {lo})"] = {k: matched[k] for k, _ in METRICS}
+    rows.update(matched_rows(rows, logs, [n for _, n, _ in runs if n.startswith("SFT")]))
 
     table = results_table(rows)
     settings = {k: v for k, v in base_cfg.to_dict().items() if k not in ("method", "out")}

@@ -103,6 +103,12 @@ for k in (4, 32):
 # becomes more specific. A step-distilled model is trained so that each of its few large
 # steps lands where the base model's many small steps would have.
 #
+# Real turbo models are also *guidance-distilled*: the many small steps they imitate follow
+# the classifier-free-guided velocity $v(c^-) + w\,(v(c) - v(c^-))$, so the turbo model
+# draws what the caption names more reliably than its base does without guidance, and is
+# sampled without guidance itself. The toy's 4-step model is made the same way (w = 3;
+# `toy_models/guidance.py`, recipe in `toy_models/README.md`).
+#
 # ## 3. Base model at 32 and 4 steps, turbo model at 4 steps
 #
 # Same prompts, same starting noise, three samplers.
@@ -149,8 +155,9 @@ print(f"palette distance above base-32: base at 4 steps {gap_base4:+.3f}, turbo 
 
 # %% [markdown]
 # The toy world is simple (one flat shape per image), so even the base model does
-# reasonably at 4 steps here and distillation buys little; on real images a base model at 4
-# steps is a blur, and that gap is what turbo models are for. What matters for D-OPSD is the
+# reasonably at 4 steps here; the turbo model's higher shape accuracy comes mostly from the
+# guidance it was distilled from. On real images a base model at 4 steps is a blur, and that
+# gap is what turbo models are for. What matters for D-OPSD is the
 # mechanism, which the toy has: the few-step model is tuned to its own 4-step trajectory.
 #
 # ## 4. Inside the 4-step sampler

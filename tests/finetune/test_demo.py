@@ -22,7 +22,9 @@ def test_demo_writes_table_grids_and_curves(tmp_path):
     matched = [r for r in result["rows"] if " @ step " in r]
     assert set(result["rows"]) - set(matched) == {"base", "base, 32 steps", "SFT", "SFT, 32 steps", "SFT, 2× steps",
                                                   "D-OPSD"}
-    assert len(matched) == 2  # one per SFT run
+    named = {n for r in matched for n in (r.split("matched to ")[1][:-1].split("; ") if r.startswith("D-OPSD @")
+                                          else [r.split(" @ ")[0]])}
+    assert named == {"SFT", "SFT, 2× steps"}  # every SFT run is matched, a checkpoint at most once
     for f in ("results.md", "results.json", "curves.png", "targets.png", "teacher_samples.png",
               "samples_sft_train.png", "samples_sft_long_train.png", "samples_dopsd_unseen.png"):
         assert (out / f).stat().st_size > 0, f
@@ -40,3 +42,17 @@ def test_matched_checkpoint_picks_closest_accuracy():
     assert matched_checkpoint(log, 0.75)["step"] == 20
     assert matched_checkpoint(log, 0.95)["step"] == 30
     assert matched_checkpoint([{"step": 0, "concept_acc": 0.5}], 0.5) is None
+
+
+def test_matched_rows_merge_runs_matched_to_one_checkpoint():
+    """Two SFT runs matched to the same D-OPSD checkpoint give one row naming both; a run that
+    ends above D-OPSD is itself matched at its own checkpoint."""
+    from toy_models.demo import METRICS, matched_rows
+
+    metrics = {k: 0.0 for k, _ in METRICS}
+    rows = {"D-OPSD": {**metrics, "concept_acc": 0.9}, "SFT": {**metrics, "concept_acc": 0.6},
+            "SFT, 4× steps": {**metrics, "concept_acc": 0.7}, "SFT, 8× steps": {**metrics, "concept_acc": 0.95}}
+    logs = {"D-OPSD": [{**metrics, "step": 25, "concept_acc": 0.3}, {**metrics, "step": 50, "concept_acc": 0.65}],
+            "SFT, 8× steps": [{**metrics, "step": 100, "concept_acc": 0.88}]}
+    got = matched_rows(rows, logs, ["SFT", "SFT, 4× steps", "SFT, 8× steps"])
+    assert set(got) == {"D-OPSD @ step 50 (matched to SFT; SFT, 4× steps)", "SFT, 8× steps @ step 100 (matched to D-OPSD)"}
