@@ -5,6 +5,8 @@
     python -m toy_models.experiments domain     # full-parameter fine-tuning to the pastel domain
     python -m toy_models.experiments ablations  # teacher modes, loss space, K, gradient strategy,
                                                 # teacher reference (moved vs raw target), σ = 1 step
+    python -m toy_models.experiments scopes     # what is trained: prompt-gated LoRA, token-local
+                                                # k/v LoRA, all parameters (known-concept damage)
 
 Every run is evaluated at 4 steps (and SFT also at 32) over ``--gen-seeds`` generation seeds
 for each of ``--train-seeds`` training seeds. Each table reports the mean per metric and, for
@@ -45,6 +47,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
 
 
+SUITES = ("concept", "style", "domain", "ablations", "scopes")
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of a suite: a name, config changes, and the sampling steps for evaluation."""
@@ -81,7 +86,17 @@ def suite(name: str) -> tuple[dict[str, Any], list[Variant]]:
             Variant("teacher sees the raw target", {"method": "dopsd", "teacher_ref": "target"}),
             Variant("no loss on the σ = 1 step", {"method": "dopsd", "skip_first_steps": 1}),
         ]
-    raise ValueError(f"unknown suite {name!r}; choose concept, style, domain or ablations")
+    if name == "scopes":
+        full = {"scope": "full", "lr": 2e-4}
+        return {"data": "concept:ell"}, [
+            Variant("D-OPSD", {"method": "dopsd"}),
+            Variant("SFT", {"method": "sft"}),
+            Variant("D-OPSD, all parameters", {"method": "dopsd", **full}),
+            Variant("SFT, all parameters", {"method": "sft", **full}),
+            Variant("D-OPSD, token-local k/v LoRA", {"method": "dopsd", "scope": "token_kv"}),
+            Variant("SFT, token-local k/v LoRA", {"method": "sft", "scope": "token_kv"}),
+        ]
+    raise ValueError(f"unknown suite {name!r}; choose {', '.join(SUITES)}")
 
 
 def run_suite(name: str, train_seeds: int, gen_seeds: int, steps: int, out: Path, device: str = "auto",
@@ -141,7 +156,7 @@ def run_suite(name: str, train_seeds: int, gen_seeds: int, steps: int, out: Path
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["concept", "style", "domain", "ablations"])
+    p.add_argument("suite", choices=SUITES)
     p.add_argument("--train-seeds", type=int, default=2)
     p.add_argument("--gen-seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=150)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from toy_models.experiments import mean_ci, run_suite, suite
+from toy_models.experiments import SUITES, mean_ci, run_suite, suite
 
 
 def test_mean_ci_t_interval():
@@ -16,9 +16,11 @@ def test_mean_ci_t_interval():
 
 def test_suites_are_defined():
     """Every documented suite names D-OPSD first (the reference of the paired differences)."""
-    for name in ("concept", "style", "domain", "ablations"):
+    assert SUITES == ("concept", "style", "domain", "ablations", "scopes")
+    for name in SUITES:
         _, variants = suite(name)
         assert variants[0].changes.get("method") == "dopsd"
+        assert len({v.name for v in variants}) == len(variants)
     with pytest.raises(ValueError, match="unknown suite"):
         suite("everything")
 
