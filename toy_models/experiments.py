@@ -69,7 +69,7 @@ def suite(name: str) -> tuple[dict[str, Any], list[Variant]]:
     if name == "concept":
         return {"data": "concept:ell"}, methods
     if name == "style":
-        return {"data": "style:hstripe"}, methods
+        return {"data": "style:hstripe", "teacher_ref_period": 2}, methods
     if name == "domain":
         return {"data": "domain:pastel", "scope": "full", "num_targets": 64, "lr": 1e-4, "ema_decay": 0.999}, methods[:3]
     if name == "ablations":

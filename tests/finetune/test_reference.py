@@ -66,3 +66,31 @@ def test_teacher_sees_the_target_moved_to_the_students_layout():
     flat = torch.ones(2, 3, 16, 16)  # a white student x0: no foreground on a white background
     placement_matched_teacher(teacher, lambda x, s, c: (x - flat) / s.view(-1, 1, 1, 1), ToyContext(tokens))(x, sigma, tctx)
     assert torch.equal(seen["ctx"].ref, target)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(cx=st.floats(3.0, 12.0), cy=st.floats(3.0, 12.0), tx=st.floats(3.0, 12.0), ty=st.floats(3.0, 12.0),
+       period=st.sampled_from([1, 2, 3]))
+def test_moved_target_shift_is_whole_periods(cx, cy, tx, ty, period):
+    """With ``period = p`` the reference is translated by a multiple of p pixels on each axis
+    (grid-anchored fill patterns stay in phase), the nearest such multiple to the centroid
+    offset: the moved centroid is within p/2 pixel (+ rounding of the centroids) of the student's."""
+    target = D.render_batch([_spec(tx, ty, "square")])
+    drawn = D.render_batch([_spec(cx, cy, "square")])
+    tokens = V.tokenize(["small red square on white"])
+    seen = {}
+
+    def teacher(x, s, c):
+        seen["ref"] = c.ref
+        return torch.zeros_like(x)
+
+    student = lambda x, s, c: (x - drawn) / s.view(-1, 1, 1, 1)  # noqa: E731
+    wrapped = placement_matched_teacher(teacher, student, ToyContext(tokens), period=period)
+    wrapped(torch.zeros(1, 3, 16, 16), torch.tensor([1.0]), ToyContext(tokens, target, "tokens"))
+    bg = background(target)
+    c_t, _ = foreground_centroid(target, bg)
+    c_m, _ = foreground_centroid(seen["ref"], bg)
+    c_d, _ = foreground_centroid(drawn, bg)
+    shift = (c_m - c_t).round()
+    assert torch.all(shift.remainder(period) == 0), (shift, period)
+    assert (c_m - c_d).abs().max() <= period / 2 + 1e-3

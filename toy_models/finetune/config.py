@@ -50,6 +50,10 @@ class FinetuneConfig:
         teacher_ref: "moved" (the target translated to the student's current layout, a
             placement-free teacher context: :mod:`toy_models.finetune.reference`) or
             "target" (the raw target: the toy teacher then copies its placement).
+        teacher_ref_period: the moved target's shift is rounded to multiples of this many
+            pixels. 1 (default) for shapes; 2 for the held-out stripes, whose pattern is
+            anchored to the pixel grid (an odd shift puts it out of phase and the teacher
+            stops drawing it; the style suite uses 2).
         seed: training seed; device: "auto", "cpu", "cuda", ...
         ckpt_every: checkpoint period in steps (0: only at the end).
         eval_every: evaluation period in steps for the curves (0: never).
@@ -79,6 +83,7 @@ class FinetuneConfig:
     train_embedding: bool = True
     teacher_route: str = "tokens"
     teacher_ref: str = "moved"
+    teacher_ref_period: int = 1
     seed: int = 0
     device: str = "auto"
     ckpt_every: int = 50
@@ -96,6 +101,7 @@ class FinetuneConfig:
             "scope": (self.scope in (*SCOPES, "full"), f"one of {(*SCOPES, 'full')}"),
             "teacher_route": (self.teacher_route in ("tokens", "encoder"), "'tokens' or 'encoder'"),
             "teacher_ref": (self.teacher_ref in ("moved", "target"), "'moved' or 'target'"),
+            "teacher_ref_period": (self.teacher_ref_period >= 1, ">= 1"),
             "steps": (self.steps >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "rollout_steps": (self.rollout_steps >= 1, ">= 1"),

@@ -244,7 +244,7 @@ def run_finetune(
         sctx, tctx = _contexts(pool, idx, cfg.teacher_route, device)
         teacher = roles.teacher
         if cfg.teacher_ref == "moved":
-            teacher = placement_matched_teacher(roles.teacher, roles.module, sctx)
+            teacher = placement_matched_teacher(roles.teacher, roles.module, sctx, period=cfg.teacher_ref_period)
         try:
             if cfg.method == "dopsd":
                 res = dopsd_ref.dopsd_train_step(roles.module, teacher, [MicroBatch(noise, sctx, tctx)], sigmas,
