@@ -47,7 +47,8 @@ def guidance_negative(ctx: ToyContext) -> ToyContext:
 
 def drop_shape_word(ctx: ToyContext) -> ToyContext:
     """Alternative c⁻ (measured worse, kept for the sweep): the caption without its shape word."""
-    rows = [[t for t in row.tolist() if t != 0 and t not in _SHAPE_IDS.tolist()] for row in ctx.tokens.cpu()]
+    drop = {0, *_SHAPE_IDS.tolist()}
+    rows = [[t for t in row.tolist() if t not in drop] for row in ctx.tokens.cpu()]
     tok = torch.zeros_like(ctx.tokens, device="cpu")
     for i, r in enumerate(rows):
         tok[i, : len(r)] = torch.tensor(r, dtype=torch.long)

@@ -1,7 +1,7 @@
 """Hand-off diagnostic: how late can the in-context teacher still impose a concept?
 
 The student (text only) takes the first ``k`` of the K Euler steps, the teacher (caption +
-target as reference) the remaining ``K − k``:
+the raw target as reference) the remaining ``K − k``:
 
     x_{σ_{j+1}} = x_{σ_j} + (σ_{j+1} − σ_j)·v(x_{σ_j}, σ_j, c_j),   c_j = student context if j < k else teacher context
 
@@ -11,7 +11,8 @@ the student's states*; where the accuracy falls to the student's level after one
 student steps, the teacher no longer pulls those states toward the concept, and only the
 early steps' targets carry it. The second readout scores those targets directly: the
 teacher's clean-image prediction ``x̂0 = x_{σ_j} − σ_j·v_teacher`` at each state ``j`` of the
-student's own trajectory (what D-OPSD regresses the student's x̂0 onto).
+student's own trajectory (what D-OPSD regresses the student's x̂0 onto, here with the raw
+target; the toy fine-tuning's default teacher sees it moved, :mod:`toy_models.finetune.reference`).
 
     python -m toy_models.handoff --concept hstripe      # the held-out fill style
     python -m toy_models.handoff --concept ell          # the held-out shape
@@ -24,6 +25,7 @@ import argparse
 import torch
 from torch import nn
 
+from dopsd_ref.conventions import euler_step
 from toy_models import data as D
 from toy_models import metrics as M
 from toy_models import vocab as V
@@ -56,12 +58,11 @@ def handoff_accuracy(model: nn.Module, evaluator: ToyEvaluator, concept: str, n:
     for j in range(steps):  # the student's own trajectory
         s = sig[j].expand(n)
         x0_acc.append(score(x - sig[j] * model(x, s, teacher)))
-        x = x + (sig[j + 1] - sig[j]) * model(x, s, student)
+        x = euler_step(x, model(x, s, student), sig[j], sig[j + 1])
     for k in range(steps + 1):
         x = noise_like(n, seed)  # [n, 3, 16, 16]
         for j in range(steps):
-            v = model(x, sig[j].expand(n), student if j < k else teacher)
-            x = x + (sig[j + 1] - sig[j]) * v
+            x = euler_step(x, model(x, sig[j].expand(n), student if j < k else teacher), sig[j], sig[j + 1])
         out.append(score(x))
     model.train(was_training)
     return out, x0_acc
@@ -78,13 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     from toy_models.hub import load_evaluator, load_turbo
 
-    accs, x0_acc = handoff_accuracy(load_turbo(), load_evaluator(), a.concept, a.n, 4, a.seed)
+    steps = 4
+    accs, x0_acc = handoff_accuracy(load_turbo(), load_evaluator(), a.concept, a.n, steps, a.seed)
     print(f"{a.concept} (n = {a.n}, seed {a.seed}): concept accuracy after k student steps, then the teacher")
     for k, acc in enumerate(accs):
         print(f"  k = {k}: {acc:.3f}")
     print("teacher's x̂0 at the student's state σ_j (the D-OPSD target)")
     for j, acc in enumerate(x0_acc):
-        print(f"  σ = {1 - j / 4:.2f}: {acc:.3f}")
+        print(f"  σ = {1 - j / steps:.2f}: {acc:.3f}")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     cache_path = Path(args.cache)
     if cache_path.exists():
         cache = torch.load(cache_path)
-        if cache[0].get("guidance", 1.0) != args.guidance:
-            raise ValueError(f"{cache_path}: cached with guidance {cache[0].get('guidance', 1.0)}, "
+        cached_w = cache[0].get("guidance", 1.0)
+        if cached_w != args.guidance:
+            raise ValueError(f"{cache_path}: cached with guidance {cached_w}, "
                              f"--guidance is {args.guidance}; pass another --cache")
     else:
         ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned)
