@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     K = args.steps_k
     cache_path = Path(args.cache)
     if cache_path.exists():
-        cache = torch.load(cache_path)
+        cache = torch.load(cache_path, weights_only=True)
         cached_w = cache[0].get("guidance", 1.0)
         if cached_w != args.guidance:
             raise ValueError(f"{cache_path}: cached with guidance {cached_w}, "

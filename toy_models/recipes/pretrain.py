@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, wall0 = 0, 0.0
     if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location=args.device)
+        st = torch.load(state_path, map_location=args.device, weights_only=True)
         model.load_state_dict(st["model"]); ema.model.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
         ema.updates, start, wall0 = st["ema_updates"], st["step"], st["wall_s"]
     n_params = sum(q.numel() for q in model.parameters())
