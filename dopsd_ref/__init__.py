@@ -35,6 +35,7 @@ from .losses import (
     per_sample_step_loss,
     sample_training_sigmas,
 )
+from .preflight import PreflightReport, teacher_preflight
 from .sampling import euler_sample
 from .schedules import (
     ZIMAGE_TURBO_4,
@@ -56,6 +57,7 @@ __all__ = [
     "LiveTeacherWarning",
     "MicroBatch",
     "NonFiniteLossError",
+    "PreflightReport",
     "SFTMicroBatch",
     "StepConfig",
     "StepResult",
@@ -84,6 +86,7 @@ __all__ = [
     "sample_training_sigmas",
     "sft_train_step",
     "shifted_sigmas",
+    "teacher_preflight",
     "uniform_sigmas",
     "validate_sigmas",
     "velocity_from_x0",
