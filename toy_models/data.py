@@ -8,8 +8,14 @@ Every image is one shape on a flat background, rendered anti-aliased at 16×16 R
   canonical L excluded) used to teach copying from a reference;
 - color ∈ 6 colours, bg ∈ 3 backgrounds, size ∈ {small, large}, a centre position;
 - style ∈ known fills (solid, checker, dotted, vstripe) or the held-out ``"hstripe"``;
-- domain ∈ {"base", "pastel"}: ``pastel`` is a consistent restyling of every image
-  (pastel shape colours on dusky backgrounds) for full-fine-tuning experiments.
+- domain ∈ {"base", "pastel"} or a procedural ``"fam:…"`` domain: ``pastel`` is a
+  consistent restyling of every image (pastel shape colours on dusky backgrounds), held
+  out for full-fine-tuning experiments; the procedural family (hue / saturation /
+  lightness / background restylings, :func:`random_domain`) carries domains in base
+  training's reference pairs, and never comes near pastel (:data:`DOMAIN_HOLDOUT`);
+- style ``"pattern"``: an unlabelled procedural periodic fill (:func:`random_fill`: stripes
+  in four directions, checkers, dot grids), the fill analogue of the glyphs; horizontal
+  period-2 stripes (the held-out ``hstripe``) are excluded in both phases.
 
 Determinism: spec samplers take a ``numpy.random.Generator``; :func:`spec_at` builds the
 generator from ``(seed, index)`` so item ``i`` of a seeded set never depends on others.
@@ -61,6 +67,7 @@ class Spec:
     style: str = "solid"
     domain: str = "base"
     glyph: Optional[Glyph] = None  # only for shape == "glyph"
+    fill: Optional[tuple[int, ...]] = None  # only for style == "pattern": (kind, period, width, phase)
 
     def replace(self, **kw) -> "Spec":
         return dataclasses.replace(self, **kw)
@@ -104,8 +111,12 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, glyph: Optional[Glyph]
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _style_pattern(style: str, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+def _style_pattern(style: str, ix: np.ndarray, iy: np.ndarray, fill: Optional[tuple[int, ...]] = None) -> np.ndarray:
     """1 where the fill shows the shape colour, 0 where it shows the background."""
+    if style == "pattern":
+        if fill is None:
+            raise ValueError("style 'pattern' needs fill parameters")
+        return _fill_pattern(fill, ix, iy)
     if style == "solid":
         return np.ones(np.broadcast(ix, iy).shape)
     if style == "checker":
@@ -136,10 +147,10 @@ def render(spec: Spec) -> np.ndarray:
 
     ``pixel = bg + coverage · pattern · (colour − bg)``, then ``x = 2·pixel − 1``.
     """
-    pal = PALETTES[spec.domain]
+    pal = domain_palette(spec.domain)
     col = np.asarray(pal[spec.color])[:, None, None]
     bg = np.asarray(pal[spec.bg])[:, None, None]
-    a = coverage(spec) * _style_pattern(spec.style, _IX, _IY)
+    a = coverage(spec) * _style_pattern(spec.style, _IX, _IY, spec.fill)
     img = bg + a[None] * (col - bg)
     return (2.0 * img - 1.0).astype(np.float32)
 
@@ -167,6 +178,135 @@ def caption(spec: Spec, shape_word: Optional[str] = None, style_word: Optional[s
             style_word = spec.style if spec.style in V.KNOWN_STYLES else V.STYLE_TOKEN
     words = [spec.size, spec.color, style_word, shape_word, "on", spec.bg]
     return " ".join(w for w in words if w)
+
+
+# ------------------------------------------------------------ procedural fills
+
+#: Fill kinds of :func:`random_fill`: stripes (vertical, horizontal, diagonal, anti-diagonal),
+#: checker cells, dot grid.
+FILL_KINDS = ("vstripes", "hstripes", "diag", "antidiag", "checker", "dots")
+
+
+def _fill_pattern(fill: tuple[int, ...], ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """Binary fill [16, 16] of ``fill = (kind, period, width, phase)`` (pixel-grid anchored)."""
+    kind, period, width, phase = (int(v) for v in fill)
+    name = FILL_KINDS[kind]
+    if name == "checker":  # cells of side `period`
+        return ((((ix + phase) // period) + (iy // period)) % 2 == 0).astype(float)
+    if name == "dots":  # background-coloured dot every `period` pixels
+        return 1.0 - (((ix + phase) % period == 0) & ((iy + phase) % period == 0)).astype(float)
+    coord = {"vstripes": ix, "hstripes": iy, "diag": ix + iy, "antidiag": ix - iy}[name]
+    return (((coord + phase) % period) < width).astype(float)
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a == b).mean())
+
+
+def random_fill(rng: np.random.Generator) -> tuple[int, ...]:
+    """An unlabelled periodic fill ``(kind, period, width, phase)``.
+
+    Redrawn when nearly all-on/off (shape colour share outside [0.3, 0.8]) or when it looks
+    like the held-out horizontal stripes (agreement > 0.85 with ``hstripe`` in either
+    phase): period-2 horizontal stripes never appear, other periods and directions do.
+    """
+    held = _style_pattern(V.NOVEL_STYLE, _IX, _IY)
+    while True:
+        kind = int(rng.integers(len(FILL_KINDS)))
+        period = int(rng.integers(2, 5))
+        width = int(rng.integers(1, period)) if FILL_KINDS[kind] not in ("checker", "dots") else 1
+        if FILL_KINDS[kind] == "checker":
+            period = int(rng.integers(1, 4))
+        phase = int(rng.integers(0, max(period, 2)))
+        f = (kind, period, width, phase)
+        pat = _fill_pattern(f, _IX, _IY)
+        if not 0.3 <= pat.mean() <= 0.8:
+            continue
+        if max(_agreement(pat, held), _agreement(pat, 1 - held)) > 0.85:
+            continue
+        return f
+
+
+# ------------------------------------------------------------ domain family
+
+_FAMILY_PREFIX = "fam:"
+
+
+def _hsv_adjust(rgb: tuple[float, float, float], hue: float, sat: float, light: float) -> tuple[float, ...]:
+    import colorsys
+
+    h, s, v = colorsys.rgb_to_hsv(*rgb)
+    r = np.asarray(colorsys.hsv_to_rgb((h + hue) % 1.0, min(1.0, s * sat), v))
+    r = r + light * (1 - r) if light >= 0 else r * (1 + light)  # towards white / black
+    return tuple(float(c) for c in np.clip(r, 0.0, 1.0))
+
+
+def family_palette(hue: float, sat: float, light: float, bg_lo: float, bg_hi: float,
+                   tint_hue: float, tint: float) -> dict[str, tuple[float, float, float]]:
+    """The palette of one procedural domain.
+
+    Shape colours: hue rotated by ``hue`` (turns), saturation scaled by ``sat``, mixed
+    towards white (``light > 0``) or black (``light < 0``). Backgrounds: the base
+    backgrounds' grey level ``g ∈ {0.05, 0.5, 0.95}`` remapped linearly to
+    ``[bg_lo, bg_hi]`` (inverted when ``bg_lo > bg_hi``) and tinted towards the fully
+    saturated colour of ``tint_hue`` by ``tint``.
+    """
+    import colorsys
+
+    base = PALETTES["base"]
+    pal = {c: _hsv_adjust(base[c], hue, sat, light) for c in V.COLORS}
+    tint_rgb = np.asarray(colorsys.hsv_to_rgb(tint_hue % 1.0, 1.0, 1.0))
+    for b in V.BACKGROUNDS:
+        g = (base[b][0] - 0.05) / 0.9
+        lvl = bg_lo + (bg_hi - bg_lo) * g
+        col = (1 - tint) * lvl + tint * lvl * tint_rgb / max(tint_rgb.mean(), 1e-6)
+        pal[b] = tuple(float(c) for c in np.clip(col, 0.0, 1.0))
+    return pal
+
+
+def palette_distance_between(a: dict, b: dict) -> float:
+    """Mean RGB distance between two palettes over the 6 shape colours and 3 backgrounds."""
+    keys = V.COLORS + V.BACKGROUNDS
+    return float(np.mean([np.linalg.norm(np.subtract(a[k], b[k])) for k in keys]))
+
+
+#: A procedural domain closer than this (mean RGB distance over the palette) to the
+#: held-out ``pastel`` palette is never drawn by :func:`random_domain`.
+DOMAIN_HOLDOUT = 0.25
+
+
+def domain_palette(domain: str) -> dict[str, tuple[float, float, float]]:
+    """Palette of a named domain (``base``, ``pastel``) or of a ``"fam:…"`` domain."""
+    if domain in PALETTES:
+        return PALETTES[domain]
+    if domain.startswith(_FAMILY_PREFIX):
+        vals = tuple(float(v) for v in domain[len(_FAMILY_PREFIX):].split(","))
+        if len(vals) != 7:
+            raise ValueError(f"domain {domain!r}: a family domain has 7 parameters, got {len(vals)}")
+        return family_palette(*vals)
+    raise ValueError(f"unknown domain {domain!r}; named domains: {', '.join(PALETTES)}, or 'fam:…'")
+
+
+def random_domain(rng: np.random.Generator) -> str:
+    """A procedural domain name ``"fam:hue,sat,light,bg_lo,bg_hi,tint_hue,tint"``.
+
+    Hue rotation within ±0.1 turn, saturation ×[0.4, 1], lightness in [−0.35, 0.75],
+    background range endpoints in [0, 1], tint up to 0.6; redrawn while the palette is
+    within :data:`DOMAIN_HOLDOUT` of pastel or has a shape colour within 0.12 of its
+    background (invisible shapes). Values are rounded to 3 decimals (the name is the spec).
+    """
+    pastel = PALETTES["pastel"]
+    while True:
+        vals = (rng.uniform(-0.1, 0.1), rng.uniform(0.4, 1.0), rng.uniform(-0.35, 0.75),
+                rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.6))
+        name = _FAMILY_PREFIX + ",".join(f"{v:.3f}" for v in vals)
+        pal = domain_palette(name)
+        if palette_distance_between(pal, pastel) < DOMAIN_HOLDOUT:
+            continue
+        contrast = min(np.linalg.norm(np.subtract(pal[c], pal[b])) for c in V.COLORS for b in V.BACKGROUNDS)
+        if contrast < 0.12:
+            continue
+        return name
 
 
 # ---------------------------------------------------------------------- samplers

@@ -5,7 +5,10 @@ All functions sample with the K-step uniform Euler sampler and score with the ev
 - :func:`eval_prompts` — text-only prompts: shape/colour accuracy, toy-FID vs real renders,
   palette distance;
 - :func:`copy_accuracy` — the in-context (teacher) diagnostic: caption with the rare token
-  + a reference image; the evaluator must see the reference's concept.
+  + a reference image; the evaluator must see the reference's concept;
+- :func:`raw_target_teacher` — the teacher as D-OPSD uses it: the caption + the raw target
+  image; concept accuracy and whether the drawn placement follows the noise or the target
+  (:func:`placement_overlap`).
 """
 
 from __future__ import annotations
@@ -100,3 +103,50 @@ def copy_accuracy(
     if targets[0].shape == "glyph" and placement != "jittered":
         out["copy_iou"] = M.copy_iou(x, targets)
     return out
+
+
+def placement_overlap(x: Tensor, targets: Sequence[D.Spec], seed: int = 0) -> dict[str, float]:
+    """Does a sample sit where the target sits, or where the noise put it?
+
+    ``iou_target``: mean IoU of each sample's foreground with its target's shape mask;
+    ``iou_shifted``: the same with the target's mask moved to a random other placement
+    (same size; seeded). A teacher that copies the target's placement has
+    ``iou_target ≫ iou_shifted``; one whose placement follows the noise has them about equal.
+    """
+    rng = np.random.default_rng([seed, 8080])
+    shifted = [t.replace(cx=c[0], cy=c[1]) for t in targets for c in [D.random_placement(rng, t.size)]]
+    return {"iou_target": M.copy_iou(x, list(targets)), "iou_shifted": M.copy_iou(x, shifted)}
+
+
+#: Held-out concept → (caption rule, evaluator head that must name it, value).
+RAW_TARGET_CONCEPTS = {
+    "ell": ("shape", V.NOVEL_SHAPE),
+    "hstripe": ("style", V.NOVEL_STYLE),
+    "pastel": ("domain", "pastel"),
+}
+
+
+def raw_target_teacher(
+    model: nn.Module, evaluator: ToyEvaluator, concept: str, n: int, steps: int, seed: int = 0
+) -> dict[str, float]:
+    """The in-context teacher given the RAW target (what D-OPSD's teacher sees, no move).
+
+    Targets are the held-out concept's specs (toy_models.concepts), captions name the concept
+    with its rare token (pastel: the ordinary caption). Returns ``acc`` (the concept's head:
+    shape ``ell`` / style ``hstripe`` / domain ``pastel``), ``shape_acc`` (the prompt's shape
+    is kept), ``color_acc`` and :func:`placement_overlap`.
+    """
+    from toy_models.concepts import concept_captions, concept_specs
+
+    head, value = RAW_TARGET_CONCEPTS[concept]
+    targets = concept_specs(concept, n, seed + 21)
+    caps = concept_captions(concept, targets)
+    ctx = ToyContext(V.tokenize(caps), D.render_batch(targets), "tokens")
+    x = sample(model, ctx, steps=steps, seed=seed)
+    pred = evaluator.predict(x)
+    return {
+        "acc": M.accuracy(pred[head], [value] * len(targets)),
+        "shape_acc": M.accuracy(pred["shape"], [t.shape for t in targets]),
+        "color_acc": M.accuracy(pred["color"], [t.color for t in targets]),
+        **placement_overlap(x, targets, seed),
+    }

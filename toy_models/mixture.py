@@ -11,6 +11,22 @@ Per step the batch is split into three sub-batches, each a single forward pass:
 
 Curriculum: references start aligned (same position and size), and a growing share is
 jittered (other position/size) as training proceeds (``aligned_prob``).
+
+Two mixtures are named in :data:`MIXTURES`. ``v1`` made the shipped weights up to the
+commit that introduced ``v2`` (70 % aligned references at the end: the teacher learned to
+copy the reference's *placement*, and never saw a domain). ``v2`` (a continuation of v1's
+weights) adds what a VLM's in-context ability carries and v1 lacked:
+
+- references mostly jittered by the end (5 % aligned): the concept, not its position;
+- procedural periodic fills (``style="pattern"``, rare token ``zwx``), half of them on a
+  reference of another shape, so "the reference's fill" is separated from its shape;
+- domains: a share of pairs is restyled into a random procedural domain
+  (:func:`toy_models.data.random_domain`, never near the held-out pastel), target and
+  reference alike, with the reference showing the caption's colour and background; plus
+  domain-only pairs whose reference has another shape and the caption names the shape —
+  the output domain is always the reference's.
+
+With the v2 fields at 0 (``v1``) the random stream is exactly v1's.
 """
 
 from __future__ import annotations
@@ -39,6 +55,11 @@ class MixtureConfig:
     aligned_start: float = 1.0
     aligned_end: float = 0.7
     curriculum: tuple[float, float] = (0.15, 0.6)  # fraction of training: hold, then ramp
+    # v2 fields (0 = the v1 stream)
+    p_fill_family: float = 0.0  # reference samples whose concept is a procedural fill (`zwx`)
+    p_fill_other_shape: float = 0.0  # of fill samples: the reference has another known shape
+    p_domain_only: float = 0.0  # reference samples that carry only a domain (caption names the shape)
+    p_domain: float = 0.0  # other reference samples restyled (target and reference) into a random domain
 
     def aligned_prob(self, frac: float) -> float:
         a, b = self.curriculum
@@ -59,6 +80,8 @@ def _text_spec(rng: np.random.Generator, cfg: MixtureConfig) -> D.Spec:
 
 def _ref_pair(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float) -> tuple[D.Spec, D.Spec, str]:
     """(target, reference, caption) for one in-context sample."""
+    if cfg.p_fill_family or cfg.p_domain_only or cfg.p_domain:
+        return _ref_pair_v2(rng, cfg, aligned_p)
     u = rng.random()
     if u < cfg.p_glyph:
         tgt = D.random_spec(rng, shapes=("glyph",))
@@ -74,10 +97,61 @@ def _ref_pair(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float) ->
     return tgt, ref, cap
 
 
+def _ref_pair_v2(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float) -> tuple[D.Spec, D.Spec, str]:
+    """v2 in-context sample: concept kinds of v1 plus procedural fills and domains."""
+    u = rng.random()
+    edges = np.cumsum([cfg.p_glyph, cfg.p_style_copy, cfg.p_fill_family, cfg.p_domain_only])
+    aligned = rng.random() < aligned_p
+    if u < edges[3] and u >= edges[2]:  # domain only: another shape, same colour and background
+        dom = D.random_domain(rng)
+        tgt = _text_spec(rng, cfg).replace(domain=dom)
+        other = D.random_spec(rng, shapes=V.KNOWN_SHAPES + ("glyph",), domain=dom)
+        ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=True)
+        ref = ref.replace(shape=other.shape, glyph=other.glyph, style="solid", fill=None, bg=tgt.bg)
+        return tgt, ref, D.caption(tgt)
+    other_shape = False
+    if u < edges[0]:
+        tgt = D.random_spec(rng, shapes=("glyph",))
+        cap = D.caption(tgt)
+    elif u < edges[1]:
+        tgt = D.random_spec(rng, styles=_TEXTURES)
+        cap = D.caption(tgt, style_word=V.STYLE_TOKEN)
+    elif u < edges[2]:
+        tgt = D.random_spec(rng, styles=("solid",)).replace(style="pattern", fill=D.random_fill(rng), size="large")
+        tgt = tgt.replace(cx=float(np.clip(tgt.cx, D.RADIUS["large"] + 0.3, D.RES - D.RADIUS["large"] - 0.3)),
+                          cy=float(np.clip(tgt.cy, D.RADIUS["large"] + 0.3, D.RES - D.RADIUS["large"] - 0.3)))
+        cap = D.caption(tgt, style_word=V.STYLE_TOKEN)
+        other_shape = rng.random() < cfg.p_fill_other_shape
+    else:
+        tgt = _text_spec(rng, cfg)
+        word = V.SHAPE_TOKEN if rng.random() < cfg.p_rare_word else None
+        cap = D.caption(tgt, shape_word=word)
+    in_domain = rng.random() < cfg.p_domain
+    if in_domain:
+        tgt = tgt.replace(domain=D.random_domain(rng))
+    same_color = in_domain or rng.random() < cfg.p_same_color
+    ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=same_color)
+    if in_domain:
+        ref = ref.replace(bg=tgt.bg)
+    if other_shape:
+        ref = ref.replace(shape=str(rng.choice(V.KNOWN_SHAPES)))
+    return tgt, ref, cap
+
+
 @dataclass
 class SubBatch:
     x0: Tensor  # [b,3,16,16]
     context: ToyContext
+
+
+#: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module doc).
+MIXTURES: dict[str, MixtureConfig] = {
+    "v1": MixtureConfig(),
+    "v2": MixtureConfig(
+        p_ref=0.45, p_glyph=0.28, p_style_copy=0.08, p_fill_family=0.16, p_fill_other_shape=0.5,
+        p_domain_only=0.14, p_domain=0.25, aligned_start=0.5, aligned_end=0.05, curriculum=(0.0, 0.35),
+    ),
+}
 
 
 def pretrain_batch(seed: int, step: int, batch: int, frac: float, cfg: MixtureConfig) -> list[SubBatch]:

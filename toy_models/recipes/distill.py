@@ -33,16 +33,17 @@ from toy_models import vocab as V
 from toy_models.context import ToyContext
 from toy_models.dit import ToyDiT
 from toy_models.guidance import guided_velocity
-from toy_models.mixture import MixtureConfig, _ref_pair, _text_spec
+from toy_models.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
 from toy_models.recipes.common import EMA, base_parser, lr_at, setup, write_json
 from toy_models.sampling import noise_like
 
 
-def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float, aligned_p: float = 0.8) -> list[ToyContext]:
-    """Text-only contexts, then reference contexts (tokens route, then encoder route);
-    a reference shares its target's placement with probability ``aligned_p``."""
+def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float, aligned_p: float = 0.8,
+                   mix: MixtureConfig = MIXTURES["v1"]) -> list[ToyContext]:
+    """Text-only contexts, then reference contexts (tokens route, then encoder route) drawn
+    from the base-training mixture ``mix``; a reference shares its target's placement with
+    probability ``aligned_p``."""
     rng = np.random.default_rng([seed, 31337])
-    mix = MixtureConfig()
     sp = [_text_spec(rng, mix) for _ in range(n_text)]
     out = [ToyContext(V.tokenize([D.caption(s) for s in sp]))]
     trip = [_ref_pair(rng, mix, aligned_p=aligned_p) for _ in range(n_ref)]
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-ref", type=int, default=1024)
     p.add_argument("--p-encoder", type=float, default=0.15)
     p.add_argument("--ref-aligned", type=float, default=0.8, help="share of cached references placed like their target")
+    p.add_argument("--mixture", default="v1", choices=sorted(MIXTURES), help="mixture the cached contexts are drawn from")
     p.add_argument("--train-steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -104,15 +106,19 @@ def main(argv: list[str] | None = None) -> None:
         if cached_w != args.guidance:
             raise ValueError(f"{cache_path}: cached with guidance {cached_w}, "
                              f"--guidance is {args.guidance}; pass another --cache")
+        cached_mix = cache[0].get("mixture", "v1")
+        if cached_mix != args.mixture:
+            raise ValueError(f"{cache_path}: cached from mixture {cached_mix!r}, "
+                             f"--mixture is {args.mixture!r}; pass another --cache")
     else:
-        ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned)
+        ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned, MIXTURES[args.mixture])
         cache = []
         for i, c in enumerate(ctxs):
             noise = noise_like(c.batch_size, args.seed * 100 + i)
             states = cache_trajectories(base, c, noise, K, args.fine_steps, desc=f"cache[{c.route if c.has_ref else 'text'}]",
                                         guidance=args.guidance)
             cache.append({"tokens": c.tokens, "ref": c.ref, "route": c.route, "states": states,
-                          "guidance": args.guidance})
+                          "guidance": args.guidance, "mixture": args.mixture})
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache, cache_path)
     t_cache = time.time() - t0
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         "recipe": "toy_models.recipes.distill",
         "command": "python -m toy_models.recipes.distill " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "K": K, "fine_steps": args.fine_steps, "guidance": args.guidance, "n_text": args.n_text, "n_ref": args.n_ref,
-        "p_encoder": args.p_encoder, "ref_aligned": args.ref_aligned, "train_steps": args.train_steps, "batch": args.batch, "lr": args.lr,
+        "p_encoder": args.p_encoder, "ref_aligned": args.ref_aligned, "mixture": args.mixture, "train_steps": args.train_steps, "batch": args.batch, "lr": args.lr,
         "ema": args.ema, "base": args.base, "base_steps_done": base_info.get("steps_done"),
         "wall_clock_cache_s": round(t_cache, 1), "wall_clock_s": round(time.time() - t0, 1),
         "threads": torch.get_num_threads(),

@@ -1,6 +1,8 @@
 """Recipe 1: base flow-matching pre-training of the toy DiT with the in-context mixture.
 
     python -m toy_models.recipes.pretrain --steps 9000 --out toy_models/weights/toy-dit-base
+    # v2: continue v1's weights on the placement-free mixture with fills and domains
+    python -m toy_models.recipes.pretrain --mixture v2 --init <v1 folder> --steps 6000 --lr 3e-4 ...
 
 Loss per sample: ``|| v_θ(x_σ, σ, c) − (ε − x0) ||²`` with ``x_σ = (1 − σ)·x0 + σ·ε``; the
 batch mixes text-only, reference-token and encoder-route contexts (toy_models.mixture).
@@ -11,6 +13,7 @@ The EMA weights are written (HF folder) every ``--ckpt-every`` steps and at the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import sys
 import time
@@ -19,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from toy_models.dit import TOY_DIT_SIZES
-from toy_models.mixture import MixtureConfig, pretrain_batch
+from toy_models.dit import TOY_DIT_SIZES, ToyDiT
+from toy_models.mixture import MIXTURES, pretrain_batch
 from toy_models.recipes.common import EMA, JsonLog, base_parser, fm_loss_sum, lr_at, setup, write_json
 
 
@@ -43,14 +46,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="from this step on, references are aligned with probability --jitter-aligned (0 = never): "
                         "the teacher should carry the concept, not the target's placement")
     p.add_argument("--jitter-aligned", type=float, default=0.0, help="aligned share of references after --jitter-from")
+    p.add_argument("--mixture", default="v1", choices=sorted(MIXTURES), help="base-training mixture (toy_models.mixture)")
+    p.add_argument("--init", default="", help="start from this model folder's weights (a continuation, e.g. v2 from v1)")
     args = p.parse_args(argv)
     setup(args)
     out = Path(args.out)
     state_path = Path(args.state or f"runs/{out.name}/state.pt")
     log = JsonLog(state_path.parent / "log.jsonl")
-    mix = MixtureConfig()
+    mix = MIXTURES[args.mixture]
     late_mix = dataclasses.replace(mix, p_ref=args.late_p_ref)
     model = TOY_DIT_SIZES[args.size]().to(args.device)
+    if args.init:
+        model.load_state_dict(ToyDiT.from_pretrained(args.init).state_dict())
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, wall0 = 0, 0.0
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(st["model"]); ema.model.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
         ema.updates, start, wall0 = st["ema_updates"], st["step"], st["wall_s"]
     n_params = sum(q.numel() for q in model.parameters())
+    init_json = Path(args.init) / "training.json" if args.init else None
+    init_training = json.loads(init_json.read_text()) if init_json and init_json.exists() else None
     t0 = time.time() - wall0
 
     def checkpoint(step: int) -> None:
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m toy_models.recipes.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "size": args.size, "steps_done": step, "steps_planned": args.steps,
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
+            "mixture_name": args.mixture, "init": args.init, "init_training": init_training,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),
             "history": args.history, "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
             "jitter_from": args.jitter_from, "jitter_aligned": args.jitter_aligned,

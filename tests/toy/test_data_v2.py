@@ -1,0 +1,109 @@
+"""Toy world v2 data: procedural domains and fills, and the v2 base-training mixture.
+
+The held-out concepts (the L, horizontal period-2 stripes, the pastel domain) must stay out
+of every base-training sample, and the v1 mixture's random stream must be unchanged (it
+made the weights up to the v2 continuation).
+"""
+
+import hashlib
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from toy_models import data as D
+from toy_models import mixture as mix
+from toy_models import vocab as V
+from toy_models.mixture import MIXTURES, pretrain_batch
+
+SEEDS = st.integers(0, 2**31 - 1)
+FAST = settings(max_examples=40, deadline=None, derandomize=True)
+_IX, _IY = np.meshgrid(np.arange(D.RES), np.arange(D.RES))
+
+
+@FAST
+@given(SEEDS)
+def test_random_domain_stays_away_from_pastel(seed):
+    """A procedural domain is never within DOMAIN_HOLDOUT (mean RGB distance over the
+    palette) of the held-out pastel palette, and its name fully determines its palette."""
+    name = D.random_domain(np.random.default_rng(seed))
+    pal = D.domain_palette(name)
+    assert D.palette_distance_between(pal, D.PALETTES["pastel"]) >= D.DOMAIN_HOLDOUT
+    assert D.domain_palette(name) == pal
+    assert all(0.0 <= c <= 1.0 for rgb in pal.values() for c in rgb)
+
+
+@FAST
+@given(SEEDS, st.integers(0, 10_000))
+def test_domain_images_use_the_domain_palette(seed, idx):
+    """Every pixel of a family-domain render mixes the domain's shape colour and background
+    (``pixel = bg + a·(colour − bg)`` with a ∈ [0, 1])."""
+    rng = np.random.default_rng([seed, idx])
+    s = D.random_spec(rng).replace(domain=D.random_domain(rng))
+    pal = D.domain_palette(s.domain)
+    rgb = (D.render(s) + 1) / 2  # [3,H,W]
+    col, bg = np.asarray(pal[s.color])[:, None, None], np.asarray(pal[s.bg])[:, None, None]
+    d = col - bg
+    a = ((rgb - bg) * d).sum(0) / max((d * d).sum(), 1e-9)
+    assert np.allclose(bg + a[None] * d, rgb, atol=1e-5) and a.min() >= -1e-5 and a.max() <= 1 + 1e-5
+
+
+def test_bad_domain_names_the_problem():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown domain 'anime'"):
+        D.domain_palette("anime")
+    with pytest.raises(ValueError, match="7 parameters"):
+        D.domain_palette("fam:0.1,0.2")
+
+
+@FAST
+@given(SEEDS)
+def test_random_fill_is_never_the_heldout_stripes(seed):
+    """A procedural fill agrees with horizontal period-2 stripes (either phase) on at most
+    85 % of pixels, and shows the shape colour on 30–80 % of them."""
+    f = D.random_fill(np.random.default_rng(seed))
+    pat = D._fill_pattern(f, _IX, _IY)
+    held = (_IY % 2 == 0).astype(float)
+    assert max((pat == held).mean(), (pat == 1 - held).mean()) <= 0.85
+    assert 0.3 <= pat.mean() <= 0.8
+
+
+def test_v1_stream_unchanged():
+    """The v1 mixture's batches are byte-identical to those that trained the v1 weights
+    (hash computed with the code of commit 770a9a2)."""
+    h = hashlib.sha256()
+    for step in (0, 1, 2000, 7999):
+        for sb in pretrain_batch(0, step, 32, step / 8000, MIXTURES["v1"]):
+            h.update(sb.x0.numpy().tobytes())
+            h.update(sb.context.tokens.numpy().tobytes())
+            if sb.context.ref is not None:
+                h.update(sb.context.ref.numpy().tobytes())
+    assert h.hexdigest() == "775bdd68f0a5aedd258dade9eaeecdbab753267a69b6c106a878ddc7c4a1fbd2"
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(SEEDS, st.floats(0.0, 1.0))
+def test_v2_pairs_carry_concepts_not_heldouts(seed, frac):
+    """v2 reference pairs: target and reference share a domain; in a non-base domain the
+    reference shows the caption's colour and background; procedural fills are named by
+    ``zwx``; no sample is the L, horizontal period-2 stripes or pastel."""
+    cfg = MIXTURES["v2"]
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        tgt, ref, cap = mix._ref_pair(rng, cfg, cfg.aligned_prob(frac))
+        for s in (tgt, ref):
+            assert s.shape != V.NOVEL_SHAPE and s.style != V.NOVEL_STYLE and s.domain != "pastel"
+        assert ref.domain == tgt.domain
+        if tgt.domain != "base":
+            assert (ref.color, ref.bg) == (tgt.color, tgt.bg)
+        if tgt.style == "pattern":
+            assert ref.style == "pattern" and ref.fill == tgt.fill and V.STYLE_TOKEN in cap.split()
+        V.tokenize([cap])
+
+
+def test_v2_curriculum_ends_mostly_jittered():
+    """By the end of v2's curriculum only 5 % of references keep the target's placement."""
+    cfg = MIXTURES["v2"]
+    assert abs(cfg.aligned_prob(1.0) - 0.05) < 1e-12 and cfg.aligned_prob(0.0) == 0.5
+    parts = pretrain_batch(3, 10, 32, 0.9, cfg)
+    assert sum(sb.x0.shape[0] for sb in parts) == 32
