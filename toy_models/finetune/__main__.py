@@ -4,6 +4,7 @@
     python -m toy_models.finetune train  --config my.json --lr 5e-4 --resume
     python -m toy_models.finetune sample --run runs/mine --prompt "large red sks on white" --n 8
     python -m toy_models.finetune eval   --run runs/mine
+    python -m toy_models.finetune preflight --data path/to/folder   # does the teacher beat the student?
 
 ``train`` takes every field of :class:`toy_models.finetune.config.FinetuneConfig` as a flag
 (``--help`` lists them) on top of an optional ``--config`` JSON file.
@@ -29,6 +30,10 @@ def _train(args: argparse.Namespace) -> int:
     from toy_models.finetune.train import run_finetune
 
     cfg = config_from_args(args)
+    if args.preflight:  # prints the verdict, warns when the teacher is not better, then trains anyway
+        from toy_models.finetune.preflight import run_preflight_cli
+
+        run_preflight_cli(cfg, args, prefix="preflight_")
     try:
         result = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
     except NonFiniteLossError as exc:
@@ -76,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(t)
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    from toy_models.finetune import preflight as pf
+
+    pf.add_preflight_flags(t, prefix="preflight_")
+    pf.add_subcommand(sub)
     s = sub.add_parser("sample", help="sample from a fine-tuned run")
     s.add_argument("--run", required=True)
     s.add_argument("--prompt", action="append", help="caption (repeatable)")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "eval": _eval}[args.cmd](args)
+        return {"train": _train, "sample": _sample, "eval": _eval, "preflight": pf.main}[args.cmd](args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
