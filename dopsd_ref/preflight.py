@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -45,8 +45,10 @@ __all__ = [
     "PairedComparison",
     "PreflightReport",
     "paired_comparison",
+    "preflight_verdict",
     "student_t_quantile",
     "teacher_preflight",
+    "x0_distances",
 ]
 
 # target(step k, state x [B, ...], σ [B]) -> the target the teacher is shown at that state [B, ...].
@@ -147,7 +149,8 @@ class PreflightReport:
         overall: the comparison of the per-sample step means.
         margin, confidence: the rule's parameters.
         d_student / d_teacher: [K, B] per-step, per-sample x0 distances to the target.
-        states: [K + 1, B, ...] the student's roll-out (``states[K]`` = its samples).
+        states: [K + 1, B, ...] the student's roll-out (``states[K]`` = its samples); None
+            when the report pools batches of different shapes.
     """
 
     sigmas: tuple[float, ...]
@@ -157,7 +160,7 @@ class PreflightReport:
     confidence: float
     d_student: Tensor
     d_teacher: Tensor
-    states: Tensor
+    states: Tensor | None = None
 
     @property
     def better(self) -> bool:
@@ -196,6 +199,56 @@ def _distance(x0: Tensor, target: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
+def x0_distances(
+    student: VelocityFn,
+    teacher: VelocityFn,
+    noise: Tensor,
+    sigmas: Tensor,
+    target: Tensor | TargetFn,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-step, per-sample x0 distances of the module doc, on the student's own roll-out.
+
+    Args: as :func:`teacher_preflight` (any B ≥ 1, so that batches can be pooled).
+
+    Returns:
+        ``(d_student [K, B], d_teacher [K, B], states [K + 1, B, ...])``, distances in float64 on CPU.
+    """
+    check_state(noise)
+    sig = validate_sigmas(sigmas).to(device=noise.device, dtype=noise.dtype)
+    sig_next = torch.cat([sig[1:], sig.new_zeros(1)])
+    x = noise
+    states, d_s, d_t = [x], [], []
+    for k in range(sig.shape[0]):
+        s = sigma_batch(sig[k], x)  # [B]
+        u_s = check_velocity(student(x, s), x, role="student", step=k, sigma=sig[k])
+        u_t = check_velocity(teacher(x, s), x, role="teacher", step=k, sigma=sig[k])
+        y = target(k, x, s) if callable(target) else target
+        d_s.append(_distance(x0_from_velocity(x, s, u_s), y, k))
+        d_t.append(_distance(x0_from_velocity(x, s, u_t), y, k))
+        x = euler_step(x, u_s, sig[k], sig_next[k])
+        states.append(x)
+    return torch.stack(d_s).double().cpu(), torch.stack(d_t).double().cpu(), torch.stack(states)
+
+
+def preflight_verdict(d_student: Tensor, d_teacher: Tensor, sigmas: Sequence[float] | Tensor, *, margin: float = 0.05,
+                      confidence: float = 0.95, states: Tensor | None = None) -> PreflightReport:
+    """The margin rule of the module doc on distances [K, B] (e.g. pooled from several batches).
+
+    Raises:
+        ValueError: shapes differ or do not match the grid, B < 2, or an invalid margin/confidence.
+    """
+    sig = tuple(float(v) for v in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas))
+    if d_student.shape != d_teacher.shape or d_student.ndim != 2 or d_student.shape[0] != len(sig):
+        raise ValueError(f"distances must both be [K={len(sig)}, B], got {tuple(d_student.shape)} and "
+                         f"{tuple(d_teacher.shape)}")
+    if d_student.shape[1] < 2:
+        raise ValueError(f"the pre-flight compares paired samples: it needs B >= 2, got {d_student.shape[1]}")
+    steps = tuple(paired_comparison(d_student[k], d_teacher[k], margin, confidence) for k in range(len(sig)))
+    overall = paired_comparison(d_student.mean(0), d_teacher.mean(0), margin, confidence)
+    return PreflightReport(sigmas=sig, steps=steps, overall=overall, margin=margin, confidence=confidence,
+                           d_student=d_student, d_teacher=d_teacher, states=states)
+
+
 def teacher_preflight(
     student: VelocityFn,
     teacher: VelocityFn,
@@ -229,21 +282,5 @@ def teacher_preflight(
     if noise.shape[0] < 2:
         raise ValueError(f"the pre-flight compares paired samples: noise needs B >= 2, got {noise.shape[0]}")
     paired_comparison(torch.zeros(2), torch.zeros(2), margin, confidence)  # validates margin and confidence early
-    sig = validate_sigmas(sigmas).to(device=noise.device, dtype=noise.dtype)
-    sig_next = torch.cat([sig[1:], sig.new_zeros(1)])
-    x = noise
-    states, d_s, d_t = [x], [], []
-    for k in range(sig.shape[0]):
-        s = sigma_batch(sig[k], x)  # [B]
-        u_s = check_velocity(student(x, s), x, role="student", step=k, sigma=sig[k])
-        u_t = check_velocity(teacher(x, s), x, role="teacher", step=k, sigma=sig[k])
-        y = target(k, x, s) if callable(target) else target
-        d_s.append(_distance(x0_from_velocity(x, s, u_s), y, k))
-        d_t.append(_distance(x0_from_velocity(x, s, u_t), y, k))
-        x = euler_step(x, u_s, sig[k], sig_next[k])
-        states.append(x)
-    ds, dt = torch.stack(d_s).double().cpu(), torch.stack(d_t).double().cpu()  # [K, B]
-    steps = tuple(paired_comparison(ds[k], dt[k], margin, confidence) for k in range(ds.shape[0]))
-    overall = paired_comparison(ds.mean(0), dt.mean(0), margin, confidence)
-    return PreflightReport(sigmas=tuple(float(v) for v in sig), steps=steps, overall=overall, margin=margin,
-                           confidence=confidence, d_student=ds, d_teacher=dt, states=torch.stack(states))
+    d_s, d_t, states = x0_distances(student, teacher, noise, sigmas, target)
+    return preflight_verdict(d_s, d_t, validate_sigmas(sigmas), margin=margin, confidence=confidence, states=states)

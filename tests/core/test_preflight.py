@@ -12,7 +12,7 @@ from core_fixtures import cases, make_field, sigma_grids
 
 from dopsd_ref import euler_sample, teacher_preflight
 from dopsd_ref.conventions import x0_from_velocity
-from dopsd_ref.preflight import paired_comparison, student_t_quantile
+from dopsd_ref.preflight import paired_comparison, preflight_verdict, student_t_quantile, x0_distances
 
 
 def _setup(case):
@@ -123,3 +123,23 @@ def test_callable_target_gets_the_step_and_state_and_bad_input_is_named():
     with pytest.raises(ValueError, match="margin"):
         teacher_preflight(student, teacher, noise, sig, target, margin=1.0)
     assert "verdict: teacher" in rep.summary() and rep.to_dict()["overall"]["n"] == 3
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(case=cases, sigmas=sigma_grids())
+def test_pooled_batches_give_the_same_verdict_as_one_batch(case, sigmas):
+    """Distances are per sample, so measuring a batch in two parts and pooling them
+    (:func:`preflight_verdict`) gives the report of the whole batch (to float64 rounding of the
+    batched model calls)."""
+    kind, _, dim, seed = case
+    student, teacher, noise, target = _setup((kind, 5, dim, seed))
+    whole = teacher_preflight(student, teacher, noise, sigmas, target)
+    parts = [x0_distances(student, teacher, noise[sl], sigmas, target[sl]) for sl in (slice(0, 2), slice(2, 5))]
+    pooled = preflight_verdict(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), sigmas)
+    torch.testing.assert_close(pooled.d_student, whole.d_student, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pooled.d_teacher, whole.d_teacher, rtol=1e-12, atol=1e-12)
+    for a, b in zip(pooled.steps + (pooled.overall,), whole.steps + (whole.overall,)):
+        assert a.better == b.better and math.isclose(a.diff_low, b.diff_low, rel_tol=1e-9, abs_tol=1e-12)
+    assert pooled.states is None and pooled.sigmas == whole.sigmas
+    with pytest.raises(ValueError, match=f"K={sigmas.numel() + 1}"):
+        preflight_verdict(parts[1][0], parts[1][1], sigmas.tolist() + [0.01])
