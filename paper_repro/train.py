@@ -434,7 +434,7 @@ class DOPSDTrainer:
 
 
 def main(argv: list[str] | None = None) -> DOPSDTrainer:
-    """CLI: ``python -m paper_repro.train --config CFG [--set a.b=v ...] [--no-resume]``."""
+    """CLI: ``python -m paper_repro.train --config CFG [--set a.b=v ...] [--no-resume] [--preflight]``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML/JSON run config (see paper_repro/configs)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
@@ -442,9 +442,16 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
     ap.add_argument("--dump-rank-params", action="store_true",
                     help="after training, every rank writes its trainable + teacher tensors to "
                          "output_dir/rank<r>_params.pt (to verify that ranks stay identical)")
+    from .preflight import add_preflight_flags, preflight_from_args
+
+    ap.add_argument("--preflight", action="store_true", help="first measure whether the untrained teacher beats the "
+                    "student (paper_repro.preflight); warn if not, then train")
+    add_preflight_flags(ap, prefix="preflight-")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     trainer = DOPSDTrainer(cfg)
+    if args.preflight:
+        preflight_from_args(trainer, args, prefix="preflight-")
     trainer.run(resume=not args.no_resume)
     if args.dump_rank_params:
         trainer.out.mkdir(parents=True, exist_ok=True)
