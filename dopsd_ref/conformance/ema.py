@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .golden import EMA_DECAY, EMA_SLOW_DECAY, Golden, dtype_from_name, dtype_name, load_golden
 from .harness import AdapterError, EmaFn, load_callable, single_thread
+from .invariants import describe_exception, rel_err
 from .report import CheckResult, ConformanceReport
 
 __all__ = ["run_ema_conformance", "apply_ema", "ema_golden_tensors", "EMA_SHAPES", "EMA_STEPS"]
@@ -74,8 +75,6 @@ def apply_ema(fn: EmaFn, teacher: Sequence[Tensor], student: Sequence[Tensor], d
 
 
 def _err(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    from .runner import rel_err
-
     return max(rel_err(x, y) for x, y in zip(a, b))
 
 
@@ -118,9 +117,7 @@ def _run_ema(impl: EmaFn, name: str, dtype: str, golden: Golden | None) -> Confo
         keep, _, f_keep = apply_ema(impl, t0, students[0], 1.0, td)
         copy, _, f_copy = apply_ema(impl, t0, students[0], 0.0, td)
     except Exception as exc:  # noqa: BLE001
-        from .runner import _describe
-
-        results.append(CheckResult("ema_returns_well_formed", "ERROR", detail=_describe(exc)))
+        results.append(CheckResult("ema_returns_well_formed", "ERROR", detail=describe_exception(exc)))
         results += [CheckResult(n, "SKIP", detail="not run: the EMA adapter failed")
                     for n in ("ema_golden", "ema_direction", "ema_endpoints", "ema_no_grad")]
         return ConformanceReport(title, tuple(results))

@@ -1,22 +1,40 @@
-"""Deliberately broken D-OPSD implementations, one known slip each (kit adapter signature).
+"""A gallery of D-OPSD implementations with one known slip each (kit adapter signature).
 
-``rollout(..., bug=...)`` is a hand-written roll-out loss with switchable slips, written in
-the convention it is tested in; each public function below is one broken implementation.
+The conformance kit's own evidence that every invariant can fail: each broken implementation
+below must fail the invariant named for it in :data:`SLIPS` (and :data:`EMA_SLIPS`), and each
+implementation in :data:`CONFORMING` — a correct loop written in a different style — must
+pass every invariant. tests/conformance runs them on the golden problems, tests/core on
+randomly generated fields.
+
+:func:`rollout` is a hand-written roll-out loss with switchable slips, written in the
+convention it is tested in; each public function is one implementation. It is deliberately
+independent of dopsd_ref (its own Euler step and loss).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .harness import EmaFn, RolloutFn
+
+__all__ = ["Slip", "SLIPS", "CONFORMING", "EmaSlip", "EMA_SLIPS", "rollout"]
+
 Model = Callable[..., Tensor]
 
 
 def rollout(student: Model, teacher: Model, noise: Tensor, sigmas: Tensor, space: str, *,
-            convention: str = "sigma", bug: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """D-OPSD roll-out loss with at most one slip (bug=None is a correct implementation)."""
+            convention: str = "sigma", bug: str | None = None,
+            leaf_unbind: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """D-OPSD roll-out loss with at most one slip (bug=None is a correct implementation).
+
+    ``leaf_unbind`` feeds the models as the released Z-Image trainer does: the (detached)
+    state is marked ``requires_grad_(True)``, split per sample with ``unbind`` and restacked,
+    so every model input carries autograd history that ends at the current step's leaf.
+    """
     sig = [float(s) for s in sigmas] + [0.0]
     K = len(sigmas)
     x = noise.detach()
@@ -25,6 +43,8 @@ def rollout(student: Model, teacher: Model, noise: Tensor, sigmas: Tensor, space
 
     def velocity(model: Model, xx: Tensor, s: float) -> Tensor:
         b = torch.full((xx.shape[0],), s, dtype=xx.dtype)
+        if bug == "negated_velocity":
+            return -model(xx, b)  # σ-convention output negated as if it were Z-Image's
         if convention == "zimage":
             t = b if bug == "t_as_sigma" else 1.0 - b  # Z-Image time is t = 1 − σ
             out = model(xx, t)
@@ -32,6 +52,9 @@ def rollout(student: Model, teacher: Model, noise: Tensor, sigmas: Tensor, space
         return model(xx, b)
 
     for k in range(K):
+        if leaf_unbind:  # per-sample latents, as a list-of-latents transformer receives them
+            leaf = x if bug == "missing_detach" else x.detach().requires_grad_(True)
+            x = torch.stack(leaf.unbind(0))
         u_s = velocity(student, x, sig[k])
         if bug == "teacher_receives_grad":
             u_t = velocity(teacher, x, sig[k])  # no no_grad, no detach
@@ -52,10 +75,10 @@ def rollout(student: Model, teacher: Model, noise: Tensor, sigmas: Tensor, space
         x = x + (sig[k + 1] - sig[k]) * step_v
         if bug != "missing_detach":
             x = x.detach()
-        states.append(x)
+        states.append(x.detach())
     per_step = torch.stack(losses)
     loss = per_step.sum() if bug == "sum_over_steps" else per_step.mean()
-    return loss, per_step.detach(), torch.stack([s.detach() for s in states])
+    return loss, per_step.detach(), torch.stack(states)
 
 
 def correct(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
@@ -68,6 +91,12 @@ def correct_zimage(student, teacher, noise, sigmas, space):  # type: ignore[no-u
     return rollout(student, teacher, noise, sigmas, space, convention="zimage")
 
 
+def zimage_detached_leaf_unbind(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
+    """Correct (Z-Image convention): each state detached, marked ``requires_grad_(True)`` and
+    split with ``unbind`` before the model, as the released Z-Image trainer does."""
+    return rollout(student, teacher, noise, sigmas, space, convention="zimage", leaf_unbind=True)
+
+
 def teacher_rolled_out(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
     """The teacher follows its own trajectory and is queried there, not on the student's states."""
     return rollout(student, teacher, noise, sigmas, space, bug="teacher_rolled_out")
@@ -78,8 +107,21 @@ def missing_detach(student, teacher, noise, sigmas, space):  # type: ignore[no-u
     return rollout(student, teacher, noise, sigmas, space, bug="missing_detach")
 
 
+def zimage_unbind_missing_detach(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
+    """The Z-Image-style loop that splits each state with ``unbind`` but never detaches it:
+    backpropagation through the whole roll-out."""
+    return rollout(student, teacher, noise, sigmas, space, convention="zimage", bug="missing_detach",
+                   leaf_unbind=True)
+
+
+def negated_velocity(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
+    """σ-convention outputs negated (v := −out) for both roles, as if they were Z-Image outputs."""
+    return rollout(student, teacher, noise, sigmas, space, bug="negated_velocity")
+
+
 def euler_teacher_velocity(student, teacher, noise, sigmas, space):  # type: ignore[no-untyped-def]
-    """The Euler step uses the teacher's velocity instead of the student's."""
+    """The Euler step uses the teacher's velocity instead of the student's, so the student is
+    graded on the teacher's trajectory."""
     return rollout(student, teacher, noise, sigmas, space, bug="euler_teacher_velocity")
 
 
@@ -147,3 +189,60 @@ def ema_moves_student(teacher: list[Tensor], student: list[Tensor], decay: float
 def ema_with_graph(teacher: list[Tensor], student: list[Tensor], decay: float) -> list[Tensor]:
     """Out-of-place update outside no_grad: the new teacher is part of the student's graph."""
     return [decay * t + (1.0 - decay) * s for t, s in zip(teacher, student)]
+
+
+# ---- the tables ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slip:
+    """One gallery implementation, the convention it is written in and the invariant that
+    must name it (None: a correct implementation that must pass every invariant)."""
+
+    fn: RolloutFn
+    convention: str
+    invariant: str | None
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+CONFORMING: tuple[Slip, ...] = (
+    Slip(correct, "sigma", None),
+    Slip(correct_zimage, "zimage", None),
+    Slip(zimage_detached_leaf_unbind, "zimage", None),
+)
+
+SLIPS: tuple[Slip, ...] = (
+    Slip(teacher_rolled_out, "sigma", "teacher_queried_on_student_states"),
+    Slip(missing_detach, "sigma", "no_backprop_across_steps"),
+    Slip(zimage_unbind_missing_detach, "zimage", "no_backprop_across_steps"),
+    Slip(euler_teacher_velocity, "sigma", "student_velocity_drives_euler_step"),
+    Slip(zimage_wrong_sign, "zimage", "output_sign_convention"),
+    Slip(negated_velocity, "sigma", "output_sign_convention"),
+    Slip(t_as_sigma, "zimage", "model_time_convention"),
+    Slip(x0_without_sigma_weight, "sigma", "x0_loss_is_sigma2_weighted_velocity_loss"),
+    Slip(teacher_receives_grad, "sigma", "teacher_gets_no_gradient"),
+    Slip(sum_over_steps, "sigma", "loss_is_mean_of_steps"),
+    Slip(batch_sum, "sigma", "per_sample_batch_mean"),
+    Slip(nondeterministic, "sigma", "deterministic"),
+    Slip(raises, "sigma", "returns_well_formed"),
+)
+
+
+@dataclass(frozen=True)
+class EmaSlip:
+    """One broken EMA update and the EMA invariant that must name it."""
+
+    fn: EmaFn
+    invariant: str
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+EMA_SLIPS: tuple[EmaSlip, ...] = (
+    EmaSlip(ema_wrong_direction, "ema_direction"),
+    EmaSlip(ema_moves_student, "ema_direction"),
+    EmaSlip(ema_with_graph, "ema_no_grad"),
+)

@@ -48,6 +48,7 @@ __all__ = [
     "EmaFn",
     "AdapterError",
     "Call",
+    "OutputLog",
     "Probe",
     "RunRecord",
     "execute",
@@ -114,12 +115,46 @@ class Call:
         time: float64 model time as received, [B].
         has_history: the input carried autograd history (``x.grad_fn is not None``).
         grad_enabled: ``torch.is_grad_enabled()`` at call time.
+        reaches_earlier_output: the input's autograd history reaches the output of an
+            earlier model call (of either role): gradients would flow back across steps.
+            History that ends at a fresh leaf (``x.detach().requires_grad_(True)``, then
+            ``unbind``/``stack``) does not count.
     """
 
     x: Tensor
     time: Tensor
     has_history: bool
     grad_enabled: bool
+    reaches_earlier_output: bool = False
+
+
+class OutputLog:
+    """The autograd nodes of every model output so far, shared by the two probes of a run."""
+
+    def __init__(self) -> None:
+        self._nodes: list[Any] = []  # keeps the node objects alive, so their ids stay unique
+        self._ids: set[int] = set()
+
+    def add(self, out: Tensor) -> None:
+        if out.grad_fn is not None and id(out.grad_fn) not in self._ids:
+            self._nodes.append(out.grad_fn)
+            self._ids.add(id(out.grad_fn))
+
+    def reached_from(self, x: Tensor) -> bool:
+        """Whether walking ``x``'s autograd graph back from ``x.grad_fn`` meets a logged output."""
+        if x.grad_fn is None or not self._ids:
+            return False
+        seen: set[int] = set()
+        stack = [x.grad_fn]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in self._ids:
+                return True
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        return False
 
 
 class Probe:
@@ -130,9 +165,11 @@ class Probe:
         convention: "sigma", "zimage" or "flux2".
         role: "student" or "teacher" (for error messages).
         data_shape: the shape every ``x`` must have.
+        outputs: the log of model outputs shared with the other role's probe (default: own).
     """
 
-    def __init__(self, module: nn.Module, convention: str, role: str, data_shape: Sequence[int]) -> None:
+    def __init__(self, module: nn.Module, convention: str, role: str, data_shape: Sequence[int],
+                 outputs: OutputLog | None = None) -> None:
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         self.module = module
@@ -140,6 +177,7 @@ class Probe:
         self.role = role
         self.data_shape = tuple(data_shape)
         self.calls: list[Call] = []
+        self.outputs = outputs if outputs is not None else OutputLog()
         self._param = next(module.parameters())
 
     def __repr__(self) -> str:
@@ -183,11 +221,14 @@ class Probe:
             time=tt.detach().to(torch.float64).clone(),
             has_history=x.grad_fn is not None,
             grad_enabled=torch.is_grad_enabled(),
+            reaches_earlier_output=self.outputs.reached_from(x),
         ))
         sigma = 1.0 - tt if self.convention == "zimage" else tt
         v = self.module(x.to(self._param.dtype), sigma.to(self._param.dtype))
         v = v.to(x.dtype)
-        return -v if self.convention == "zimage" else v
+        out = -v if self.convention == "zimage" else v
+        self.outputs.add(out)
+        return out
 
 
 @dataclass(frozen=True)
@@ -284,8 +325,9 @@ def execute(
     teacher.zero_grad(set_to_none=True)
     student.requires_grad_(True)
     teacher.requires_grad_(not frozen_teacher)  # unfrozen by default: fn must stop gradients
-    s_probe = Probe(student, convention, "student", noise.shape)
-    t_probe = Probe(teacher, convention, "teacher", noise.shape)
+    outputs = OutputLog()
+    s_probe = Probe(student, convention, "student", noise.shape, outputs)
+    t_probe = Probe(teacher, convention, "teacher", noise.shape, outputs)
     noise_in, sigmas_in = noise.clone(), sigmas.clone()
 
     loss, per_step, states = _unpack(fn(s_probe, t_probe, noise_in, sigmas_in, space))

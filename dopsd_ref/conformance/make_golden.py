@@ -109,16 +109,17 @@ def measure_errors(golden: Golden) -> dict[str, dict[str, float]]:
     """Max relative error of the reference adapters per dtype and quantity (all conventions)."""
     from .ema import ema_golden_tensors
     from .harness import load_callable
-    from .runner import _Ctx, rel_err
+    from .invariants import Subject, rel_err
+    from .runner import golden_problem
 
     meas: dict[str, dict[str, float]] = {}
     for dn in DTYPES:
         td = dtype_from_name(dn)
         m = {q: 0.0 for q in (*QUANTITIES, "ema")}
         for conv, spec in EXAMPLES.items():
-            ctx = _Ctx(load_callable(spec), conv, td, dn, torch.device("cpu"), golden)
+            subject = Subject(load_callable(spec), conv, td, torch.device("cpu"))
             for case in all_cases():
-                rec = ctx.run(case)
+                rec = subject.run(golden_problem(golden, case))
                 exp = golden.expected(case)
                 m["loss"] = max(m["loss"], rel_err(rec.loss, exp["loss"]))
                 m["per_step"] = max(m["per_step"], rel_err(rec.per_step, exp["per_step"]))

@@ -23,7 +23,8 @@ def test_cli_passes_reference_and_fails_broken_with_nonzero_exit() -> None:
               "--ema", "dopsd_ref.conformance.examples.ema:ema")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "CONFORMS" in ok.stdout and "FAIL " not in ok.stdout
-    bad = _run("--impl", "conformance.gallery:teacher_receives_grad", "--ema", "conformance.gallery:ema_wrong_direction")
+    bad = _run("--impl", "dopsd_ref.conformance.gallery:teacher_receives_grad", "--ema",
+               "dopsd_ref.conformance.gallery:ema_wrong_direction")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     fails = [ln for ln in bad.stdout.splitlines() if ln.startswith("FAIL")]
     assert any("teacher_gets_no_gradient" in ln for ln in fails)

@@ -5,38 +5,26 @@ from __future__ import annotations
 import pytest
 
 from dopsd_ref.conformance import ConformanceError, run_conformance, run_ema_conformance
-
-from . import gallery as G
-
-CASES = [
-    # (broken implementation, convention it is written in, invariant that must name it)
-    (G.teacher_rolled_out, "sigma", "teacher_queried_on_student_states"),
-    (G.missing_detach, "sigma", "no_backprop_across_steps"),
-    (G.euler_teacher_velocity, "sigma", "student_velocity_drives_euler_step"),
-    (G.zimage_wrong_sign, "zimage", "output_sign_convention"),
-    (G.t_as_sigma, "zimage", "model_time_convention"),
-    (G.x0_without_sigma_weight, "sigma", "x0_loss_is_sigma2_weighted_velocity_loss"),
-    (G.teacher_receives_grad, "sigma", "teacher_gets_no_gradient"),
-    (G.sum_over_steps, "sigma", "loss_is_mean_of_steps"),
-    (G.batch_sum, "sigma", "per_sample_batch_mean"),
-    (G.nondeterministic, "sigma", "deterministic"),
-    (G.raises, "sigma", "returns_well_formed"),
-]
+from dopsd_ref.conformance import gallery as G
 
 
-def test_gallery_loop_without_slips_conforms() -> None:
-    """Invariant: the gallery's loop is correct when no slip is switched on (in both the
-    σ and the Z-Image convention), so every failure below is caused by its slip alone."""
-    assert run_conformance(G.correct).passed
-    assert run_conformance(G.correct_zimage, convention="zimage").passed
+@pytest.mark.parametrize("entry", G.CONFORMING, ids=lambda e: e.name)
+def test_gallery_loop_without_slips_conforms(entry: G.Slip) -> None:
+    """Invariant: the gallery's loop is correct when no slip is switched on (in the σ and
+    the Z-Image convention, and fed as the released Z-Image trainer feeds its model: state
+    detached, marked requires_grad_(True) and split with unbind), so every failure below is
+    caused by its slip alone."""
+    report = run_conformance(entry.fn, convention=entry.convention)
+    assert report.passed, report.format()
 
 
-@pytest.mark.parametrize("impl, convention, invariant", CASES, ids=[c[0].__name__ for c in CASES])
-def test_broken_implementation_fails_named_invariant(impl, convention: str, invariant: str) -> None:
+@pytest.mark.parametrize("slip", G.SLIPS, ids=lambda e: e.name)
+def test_broken_implementation_fails_named_invariant(slip: G.Slip) -> None:
     """Invariant: a known slip makes the kit fail, and the failure names the invariant the
     slip violates (teacher never rolled out, states detached, Euler with the student's
     velocity, Z-Image sign and time, σ² weighting, no teacher gradient, step mean, batch
     mean, determinism, well-formed output)."""
+    impl, convention, invariant = slip.fn, slip.convention, slip.invariant
     report = run_conformance(impl, convention=convention)
     assert not report.passed
     assert invariant in report.failed, report.format()
@@ -46,16 +34,12 @@ def test_broken_implementation_fails_named_invariant(impl, convention: str, inva
         report.assert_passed()
 
 
-@pytest.mark.parametrize(
-    "impl, invariant",
-    [(G.ema_wrong_direction, "ema_direction"), (G.ema_moves_student, "ema_direction"),
-     (G.ema_with_graph, "ema_no_grad")],
-    ids=["ema_wrong_direction", "ema_moves_student", "ema_with_graph"],
-)
-def test_broken_ema_fails_named_invariant(impl, invariant: str) -> None:
+@pytest.mark.parametrize("slip", G.EMA_SLIPS, ids=lambda e: e.name)
+def test_broken_ema_fails_named_invariant(slip: G.EmaSlip) -> None:
     """Invariant: the EMA moves the teacher (not the student) a fraction 1 − d toward the
     student, without building an autograd graph; swapped weights, a moving student or an
     update outside no_grad are each named."""
+    impl, invariant = slip.fn, slip.invariant
     report = run_ema_conformance(impl)
     assert invariant in report.failed, report.format()
     with pytest.raises(ConformanceError, match=invariant):

@@ -6,10 +6,13 @@ optimized paths in dopsd_ref are checked against.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from dopsd_ref.conformance.invariants import Evidence, Problem, Subject, gather
 from dopsd_ref.conventions import euler_step, x0_from_velocity
 
 
@@ -80,3 +83,43 @@ def reference_rollout(student, teacher, noise: Tensor, sigmas: Tensor, space: st
 
 def grads(module: nn.Module) -> list[Tensor]:
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+# Float64 tolerances of the conformance invariants on the core problems (relative max-abs
+# errors against the naive reference; model time absolute).
+CORE_TOLERANCES: dict[str, float] = {
+    "loss": 1e-10, "per_step": 1e-10, "states": 1e-10, "final_sample": 1e-10, "gradients": 1e-9, "time": 1e-12,
+}
+
+
+def _expected(build, noise: Tensor, sigmas: Tensor, space: str) -> dict[str, Tensor]:
+    """What a correct implementation returns on one problem, from :func:`reference_rollout`."""
+    student = build("student", torch.float64, torch.device("cpu"))
+    teacher = build("teacher", torch.float64, torch.device("cpu"))
+    losses, states = reference_rollout(student, teacher, noise, sigmas, space)
+    loss = losses.mean()
+    loss.backward()
+    out = {"loss": loss.detach(), "per_step": losses.detach(), "states": states.detach(),
+           "final_sample": states[-1].detach()}
+    for n, g in zip((n for n, _ in student.named_parameters()), grads(student)):
+        out[f"grad.{n}"] = g
+    return out
+
+
+def core_problems(case: tuple[str, int, int, int], sigmas: Tensor) -> list[Problem]:
+    """The velocity- and x0-space problems of one roll-out case, with reference expectations."""
+    kind, batch, dim, seed = case
+    noise = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+
+    def build(role: str, dtype: torch.dtype, device: Any) -> nn.Module:
+        return make_field(kind, dim, seed if role == "student" else seed + 1).to(device=device, dtype=dtype)
+
+    name = f"{kind}/B{batch}/D{dim}/seed{seed}/K{len(sigmas)}"
+    return [Problem(name, space, sigmas, noise, build, _expected(build, noise, sigmas, space))
+            for space in ("velocity", "x0")]
+
+
+def core_evidence(impl: Any, convention: str, case: tuple[str, int, int, int], sigmas: Tensor) -> Evidence:
+    """Run an implementation (kit adapter signature) on one case in both spaces, in float64."""
+    problems = core_problems(case, sigmas)
+    return gather(Subject(impl, convention, torch.float64), problems, problems[1], CORE_TOLERANCES)

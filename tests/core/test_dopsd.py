@@ -1,9 +1,10 @@
-"""The specification of D-OPSD: property tests of the roll-out loss and its gradients.
+"""The specification of D-OPSD: the conformance invariants on random fields, and the reference's own properties.
 
-Each property is written once as a ``check_*`` function over an implementation with the
-signature of :func:`dopsd_ref.dopsd_rollout_loss`; the tests run it on dopsd_ref (must
-pass) and, in ``test_broken_variants_are_caught``, on deliberately broken variants (must
-fail) — so every property is shown able to fail.
+Every invariant of the roll-out loss is written once, in
+:mod:`dopsd_ref.conformance.invariants`; here the same functions run on hypothesis-generated
+fields and grids (dopsd_ref must pass all of them) and on the one gallery of broken
+implementations, :mod:`dopsd_ref.conformance.gallery` (each slip must fail the invariant
+named for it) — so every invariant is shown able to fail.
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from core_fixtures import cases, grads, make_field, reference_rollout, sigma_grids
+from core_fixtures import cases, core_evidence, grads, make_field, sigma_grids
 
 import dopsd_ref
 from dopsd_ref import dopsd_rollout_loss, euler_sample
-from dopsd_ref.conventions import euler_step, x0_from_velocity
-
-# -----------------------------------------------------------------------------
-# Property checks over an implementation `impl(student, teacher, noise, sigmas, space)`
-# -----------------------------------------------------------------------------
+from dopsd_ref.conformance import gallery as G
+from dopsd_ref.conformance.invariants import INVARIANTS, check_all
 
 
 def _setup(case, sigmas):
@@ -33,76 +31,55 @@ def _setup(case, sigmas):
     return student, teacher, noise
 
 
-def check_states_are_sampler_states(impl, case, sigmas, space):
-    """Training states = inference states: the roll-out visits exactly the plain Euler
-    sampler's states for the same noise and grid, whatever the teacher."""
-    student, teacher, noise = _setup(case, sigmas)
-    out = impl(student, teacher, noise, sigmas, space)
-    expected = euler_sample(student, noise, sigmas, return_states=True)
-    assert torch.allclose(out.states, expected, atol=1e-10, rtol=1e-10), "roll-out states != sampler states"
-
-
-def check_matches_reference(impl, case, sigmas, space):
-    """Per-step losses equal the naive reference written from the method notes."""
-    student, teacher, noise = _setup(case, sigmas)
-    out = impl(student, teacher, noise, sigmas, space)
-    ref_losses, _ = reference_rollout(student, teacher, noise, sigmas, space)
-    assert torch.allclose(out.per_step, ref_losses.detach(), atol=1e-10, rtol=1e-8), "per-step losses != reference"
-
-
-def check_x0_is_sigma2_weighted_velocity(impl, case, sigmas, space):
-    """The x0-space loss at step k equals σ_k² times the velocity-space loss at step k."""
-    student, teacher, noise = _setup(case, sigmas)
-    lx0 = impl(student, teacher, noise, sigmas, "x0").per_step
-    lv = impl(student, teacher, noise, sigmas, "velocity").per_step
-    assert torch.allclose(lx0, sigmas.to(lv) ** 2 * lv, atol=1e-10, rtol=1e-8), "x0 loss != sigma^2 * velocity loss"
-
-
-def check_gradient_flow(impl, case, sigmas, space):
-    """The student's parameters receive a gradient, the teacher's none, and nothing flows
-    back into the noise (the start state is not a parameter)."""
-    student, teacher, noise = _setup(case, sigmas)
-    noise = noise.clone().requires_grad_(True)
-    out = impl(student, teacher, noise, sigmas, space)
-    out.loss.backward()
-    assert all(p.grad is None for p in teacher.parameters()), "teacher received a gradient"
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()), "student got no gradient"
-    assert noise.grad is None, "gradient flowed into the noise"
-
-
-def check_no_backprop_across_steps(impl, case, sigmas, space):
-    """States are detached between steps: the gradient of the loss equals the sum of the
-    gradients of each step's loss evaluated at its (detached) state alone."""
-    student, teacher, noise = _setup(case, sigmas)
-    out = impl(student, teacher, noise, sigmas, space)
-    out.loss.backward()
-    got = grads(student)
-    student.zero_grad()
-    ref_losses, _ = reference_rollout(student, teacher, noise, sigmas, space)
-    ref_losses.mean().backward()
-    want = grads(student)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, atol=1e-9, rtol=1e-7), "gradient differs from the detached per-step sum"
-
-
-CHECKS = [
-    check_states_are_sampler_states,
-    check_matches_reference,
-    check_x0_is_sigma2_weighted_velocity,
-    check_gradient_flow,
-    check_no_backprop_across_steps,
-]
-
-
 def reference_impl(student, teacher, noise, sigmas, space):
+    """dopsd_ref in the conformance adapter signature (σ-convention)."""
     return dopsd_rollout_loss(student, teacher, noise, sigmas, space=space)
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def _failed(results):
+    return [r.line() for r in results if not r.ok]
+
+
+@given(case=cases, sigmas=sigma_grids())
+def test_dopsd_ref_satisfies_every_invariant(case, sigmas):
+    """dopsd_ref, run through the conformance harness on a random field, batch and grid in
+    both loss spaces, passes every invariant of dopsd_ref.conformance.invariants (expected
+    values: the naive reference of core_fixtures); each invariant's docstring states it."""
+    results = check_all(core_evidence(reference_impl, "sigma", case, sigmas))
+    assert [r.name for r in results] == list(INVARIANTS)
+    assert not _failed(results), _failed(results)
+
+
+SLIP_CASE = ("mlp", 3, 4, 11)
+
+
+@pytest.mark.parametrize("slip", G.SLIPS, ids=lambda e: e.name)
+def test_broken_variants_are_caught(slip):
+    """Each broken implementation of the gallery fails the invariant named for it on a fixed
+    multi-step core problem (so the invariant is not vacuous), while dopsd_ref passes it."""
+    sigmas = dopsd_ref.uniform_sigmas(4)
+    broken = {r.name: r for r in check_all(core_evidence(slip.fn, slip.convention, SLIP_CASE, sigmas))}
+    assert broken[slip.invariant].status in ("FAIL", "ERROR"), broken[slip.invariant].line()
+    ref = {r.name: r for r in check_all(core_evidence(reference_impl, "sigma", SLIP_CASE, sigmas))}
+    assert ref[slip.invariant].status == "PASS", ref[slip.invariant].line()
+
+
+@pytest.mark.parametrize("entry", G.CONFORMING, ids=lambda e: e.name)
+def test_correct_gallery_loops_pass(entry):
+    """The gallery's correct loops (σ and Z-Image convention, and the released Z-Image
+    trainer's detach + requires_grad_(True) + unbind feeding) pass every invariant."""
+    results = check_all(core_evidence(entry.fn, entry.convention, SLIP_CASE, dopsd_ref.uniform_sigmas(4)))
+    assert not _failed(results), _failed(results)
+
+
 @given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]))
-def test_dopsd_ref_satisfies(check, case, sigmas, space):
-    """dopsd_ref satisfies every property (the invariant is the check's docstring)."""
-    check(reference_impl, case, sigmas, space)
+def test_no_gradient_reaches_the_noise(case, sigmas, space):
+    """The start state is not a parameter: with a noise that requires grad, backward leaves
+    its gradient empty (the roll-out starts from a detached copy)."""
+    student, teacher, noise = _setup(case, sigmas)
+    noise = noise.clone().requires_grad_(True)
+    dopsd_rollout_loss(student, teacher, noise, sigmas, space=space).loss.backward()
+    assert noise.grad is None, "gradient flowed into the noise"
 
 
 # -----------------------------------------------------------------------------
@@ -112,15 +89,16 @@ def test_dopsd_ref_satisfies(check, case, sigmas, space):
 
 @given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]))
 def test_loss_nonnegative_and_zero_iff_roles_agree(case, sigmas, space):
-    """The loss is ≥ 0; it is 0 when teacher and student agree on every visited state and
-    > 0 when they differ on some visited state."""
+    """The loss and every L_k are ≥ 0; every L_k is exactly 0 when teacher and student agree
+    on every visited state, and every L_k is > 0 when they differ on every visited state."""
     student, teacher, noise = _setup(case, sigmas)
     out = dopsd_rollout_loss(student, teacher, noise, sigmas, space=space)
     assert out.loss.item() >= 0 and (out.per_step >= 0).all()
     same = dopsd_rollout_loss(student, student, noise, sigmas, space=space)
     assert same.loss.item() == 0.0 and (same.per_step == 0).all()
     shifted = lambda x, s: student(x, s) + 1e-3  # noqa: E731  disagree everywhere
-    assert dopsd_rollout_loss(student, shifted, noise, sigmas, space=space).loss.item() > 0
+    differ = dopsd_rollout_loss(student, shifted, noise, sigmas, space=space)
+    assert differ.loss.item() > 0 and (differ.per_step > 0).all(), differ.per_step
 
 
 @given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]))
@@ -177,18 +155,6 @@ def test_step_weights_bad_input():
             dopsd_rollout_loss(student, teacher, noise, torch.tensor([1.0, 0.5]), step_weights=bad)
 
 
-@given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]))
-def test_batch_loss_is_mean_of_per_sample_losses(case, sigmas, space):
-    """For models that treat samples independently, the batch loss equals the mean of the
-    losses of each sample rolled out alone."""
-    student, teacher, noise = _setup(case, sigmas)
-    batch = dopsd_rollout_loss(student, teacher, noise, sigmas, space=space)
-    alone = torch.stack(
-        [dopsd_rollout_loss(student, teacher, noise[i : i + 1], sigmas, space=space).per_step for i in range(len(noise))]
-    )
-    assert torch.allclose(batch.per_step, alone.mean(dim=0), atol=1e-12, rtol=1e-9)
-
-
 @given(case=cases, sigmas=sigma_grids())
 def test_teacher_is_only_queried_on_student_states(case, sigmas):
     """The teacher is never rolled out: it is called exactly once per step, on the state
@@ -225,20 +191,6 @@ def test_kl_view_equals_scaled_mse(case, sigmas, var):
         assert torch.allclose(kl.mean() * 2 * var / ((nxt[k] - sigmas[k]) ** 2 * d), out.per_step[k], rtol=1e-9)
 
 
-def test_same_seed_same_results():
-    """Two runs with the same seeds give bit-identical losses, states and gradients."""
-
-    def run():
-        student, teacher, noise = _setup(("mlp", 3, 4, 7), None)
-        out = dopsd_rollout_loss(student, teacher, noise, dopsd_ref.uniform_sigmas(4))
-        out.loss.backward()
-        return out.per_step, out.states, grads(student)
-
-    a, b = run(), run()
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
-
-
 def test_output_layout():
     """per_step is [K] and detached, states is [K+1, B, ...] with states[0] = noise."""
     student, teacher, noise = _setup(("linear", 2, 3, 0), None)
@@ -246,82 +198,6 @@ def test_output_layout():
     assert out.per_step.shape == (4,) and not out.per_step.requires_grad
     assert out.states.shape == (5, 2, 3, 1) and torch.equal(out.states[0], noise.reshape(2, 3, 1))
     assert out.loss.shape == () and out.loss.requires_grad
-
-
-# -----------------------------------------------------------------------------
-# Broken variants: every property above must be able to fail
-# -----------------------------------------------------------------------------
-
-
-def broken_teacher_rolled_out(student, teacher, noise, sigmas, space):
-    """Slip: the teacher rolls out its own trajectory and the student is graded on it."""
-    return _variant(student, teacher, noise, sigmas, space, follow="teacher")
-
-
-def broken_missing_detach(student, teacher, noise, sigmas, space):
-    """Slip: states are not detached, so gradients flow back through the roll-out."""
-    return _variant(student, teacher, noise, sigmas, space, detach=False)
-
-
-def broken_wrong_sign(student, teacher, noise, sigmas, space):
-    """Slip: a Z-Image output (−v) used as if it were v for the Euler step."""
-    return _variant(student, teacher, noise, sigmas, space, sign=-1.0)
-
-
-def broken_x0_unweighted(student, teacher, noise, sigmas, space):
-    """Slip: 'x0 space' computed as a plain velocity MSE (σ² weighting dropped)."""
-    return _variant(student, teacher, noise, sigmas, "velocity", detach=True)
-
-
-def broken_teacher_with_grad(student, teacher, noise, sigmas, space):
-    """Slip: the teacher is called with grad enabled and receives gradients."""
-    return _variant(student, teacher, noise, sigmas, space, teacher_grad=True)
-
-
-def _variant(student, teacher, noise, sigmas, space, follow="student", detach=True, sign=1.0, teacher_grad=False):
-    nxt = torch.cat([sigmas[1:], torch.zeros(1, dtype=sigmas.dtype)])
-    x, losses, states = noise, [], [noise]
-    xt = noise
-    for k in range(len(sigmas)):
-        if detach:
-            x = x.detach()
-        s = torch.full((x.shape[0],), float(sigmas[k]), dtype=x.dtype)
-        u_s = sign * student(x, s)
-        with torch.set_grad_enabled(teacher_grad):
-            u_t = teacher(xt if follow == "teacher" else x, s)
-        if space == "x0":
-            d = x0_from_velocity(x, s, u_s) - x0_from_velocity(x, s, u_t)
-        else:
-            d = u_s - u_t
-        losses.append(d.pow(2).mean())
-        if follow == "teacher":
-            xt = euler_step(xt, u_t.detach(), sigmas[k], nxt[k])
-            x = xt
-        else:
-            x = euler_step(x, u_s if not detach else u_s.detach(), sigmas[k], nxt[k])
-        states.append(x)
-    loss = torch.stack(losses)
-    return dopsd_ref.DOPSDOutput(loss=loss.mean(), per_step=loss.detach(), states=torch.stack(states).detach())
-
-
-BROKEN = {
-    broken_teacher_rolled_out: check_states_are_sampler_states,
-    broken_missing_detach: check_no_backprop_across_steps,
-    broken_wrong_sign: check_states_are_sampler_states,
-    broken_x0_unweighted: check_x0_is_sigma2_weighted_velocity,
-    broken_teacher_with_grad: check_gradient_flow,
-}
-
-
-@pytest.mark.parametrize("variant", list(BROKEN), ids=lambda f: f.__name__)
-def test_broken_variants_are_caught(variant):
-    """Each deliberately broken implementation fails the property that guards against it
-    on a fixed multi-step case (so the property is not vacuous)."""
-    case, sigmas = ("mlp", 3, 4, 11), dopsd_ref.uniform_sigmas(4)
-    with pytest.raises(AssertionError):
-        BROKEN[variant](variant, case, sigmas, "x0")
-    # ...while the reference passes the same check on the same case.
-    BROKEN[variant](reference_impl, case, sigmas, "x0")
 
 
 def test_partial_application_keeps_signature():
