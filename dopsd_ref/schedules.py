@@ -28,8 +28,21 @@ __all__ = [
 
 # Z-Image-Turbo grids of the released D-OPSD training code (σ-convention, terminal 0 implied).
 ZIMAGE_TURBO_4: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)
+# The 8-step grid at full precision: the float32 values held by diffusers'
+# FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0) after set_timesteps(9)
+# (its first 8 σ), written out exactly. In closed form (real arithmetic):
+#     σ_min = 6·0.001 / (1 + 5·0.001),  s_k = 1 − (k − 1)·(1 − σ_min)/8,  σ_k = 6·s_k / (1 + 5·s_k)
+# for k = 1..8; the float32 rounding moves each value by < 3e-8. They agree with the released
+# digits (0.9768991, ..., 0.4732203) to 7 decimals.
 ZIMAGE_TURBO_8: tuple[float, ...] = (
-    1.0, 0.9769, 0.9478, 0.9099, 0.8586, 0.7853, 0.6719, 0.4732,
+    1.0,
+    0.9768990874290466,
+    0.9477646946907043,
+    0.9098781943321228,
+    0.8585987091064453,
+    0.7852997779846191,
+    0.6719211935997009,
+    0.4732203483581543,
 )
 
 

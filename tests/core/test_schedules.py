@@ -23,11 +23,32 @@ def test_constructors_return_valid_grids(k, shift, seq_len):
 
 
 def test_released_zimage_grids():
-    """The Z-Image-Turbo grids are those of the released code."""
+    """The Z-Image-Turbo grids are those of the released code: K = 4 is {1, 0.9, 0.75, 0.5};
+    K = 8 is at full precision — σ_2 = 0.9768991 and σ_8 = 0.4732203 to 7 decimals (the
+    released digits), every σ_k within float32 rounding (3e-8) of the closed form
+    σ_k = 6·s_k/(1 + 5·s_k), s_k = 1 − (k − 1)·(1 − σ_min)/8, σ_min = 0.006/1.005, and every
+    value exactly a float32 number (what the released scheduler holds)."""
     assert S.zimage_turbo_sigmas(4).tolist() == [1.0, 0.9, 0.75, 0.5]
-    assert S.zimage_turbo_sigmas(8).tolist() == list(S.ZIMAGE_TURBO_8)
+    k8 = S.zimage_turbo_sigmas(8).tolist()
+    assert k8 == list(S.ZIMAGE_TURBO_8)
+    assert (round(k8[1], 7), round(k8[7], 7)) == (0.9768991, 0.4732203)
+    sigma_min = 6 * 0.001 / (1 + 5 * 0.001)
+    for k, sig in enumerate(k8):
+        s = 1 - k * (1 - sigma_min) / 8
+        assert abs(sig - 6 * s / (1 + 5 * s)) < 3e-8, (k, sig)
+        assert torch.tensor(sig, dtype=torch.float32).item() == sig, (k, sig)
     with pytest.raises(ValueError, match="K = 4 or 8"):
         S.zimage_turbo_sigmas(6)
+
+
+def test_zimage_turbo_8_is_the_schedulers_grid():
+    """ZIMAGE_TURBO_8 equals, bit for bit, the first 8 σ of diffusers'
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0) after
+    set_timesteps(9)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0)
+    sched.set_timesteps(9)
+    assert [float(v) for v in sched.sigmas[:8]] == list(S.ZIMAGE_TURBO_8)
 
 
 def test_uniform_and_shift_formulas():
