@@ -136,9 +136,9 @@ def check_lora_targets(model: nn.Module, intended: list[str], adapter: str = STU
     A target matches a module whose dotted name equals it or ends with ``"." + target``
     (so ``"w1"`` and ``"to_out.0"`` both work, as in peft's ``target_modules``).
 
-    Guards against the released recipe's silent slip (a missing comma in the target list
-    left Z-Image's ``w1`` and ``w2`` without LoRA). An empty list means every intended
-    module is adapted.
+    Guards against silent slips in a target list (e.g. a missing comma, ``"w1" "w2"`` →
+    ``"w1w2"``, leaves Z-Image's ``w1`` and ``w2`` without LoRA). An empty list means every
+    intended module is adapted.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 

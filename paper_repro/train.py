@@ -57,7 +57,7 @@ from .config import RunConfig, load_config
 from .contexts import flux2_text_context, zimage_text_context
 from .data import BucketBatchPlan, FolderDataset, pil_to_tensor
 from .grids import training_grid
-from .lora import LoraSpec, intended_modules, make_lora_config, missing_lora, save_lora_for_pipeline, targets_for
+from .lora import LoraSpec, intended_modules, make_lora_config, missing_lora, resolve_targets, save_lora_for_pipeline
 
 __all__ = ["DOPSDTrainer", "main"]
 
@@ -103,7 +103,7 @@ class DOPSDTrainer:
         # --- trainable part and teacher -------------------------------------------------
         self.teacher_module: nn.Module | None = None
         if t.mode == "lora":
-            targets = tuple(cfg.lora.targets) if cfg.lora.targets else targets_for(backbone)
+            targets = resolve_targets(backbone, cfg.lora.targets)  # None, "intended", "released" or names
             self.lora_spec = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets)
             self.intended = intended_modules(tr, targets)
             add_student_teacher_lora(tr, make_lora_config(backbone, self.lora_spec))

@@ -1,8 +1,9 @@
 """LoRA targets, the hybrid VLM loader and the student/teacher contexts.
 
 * Every intended module (attention q/k/v/out and Z-Image's w1, w2, w3; FLUX.2's double- and
-  single-stream projections) carries both adapters; the released target list as written
-  (missing comma) silently leaves w1 and w2 without LoRA.
+  single-stream projections) carries both adapters; a target list with a missing comma
+  (``"w1" "w2"`` -> ``"w1w2"``, as an unused default of the released EMA utilities read until
+  2026-05-13) silently leaves w1 and w2 without LoRA, and the coverage check catches it.
 * The Qwen3 text encoder fills the tiny Qwen3-VL language model completely (report = all keys);
   a shape mismatch beyond the threshold fails with a clear error.
 * The teacher context is a deterministic function of (prompt, image): it changes when the image
@@ -16,9 +17,9 @@ import pytest
 import torch
 
 
-def test_every_intended_zimage_module_has_lora_and_released_list_drops_w1_w2():
+def test_every_intended_zimage_module_has_lora_and_missing_comma_drops_w1_w2():
     from dopsd_ref.lora import add_student_teacher_lora
-    from paper_repro.lora import (ZIMAGE_RELEASED_TARGETS_AS_WRITTEN, ZIMAGE_TARGETS, LoraSpec, intended_modules,
+    from paper_repro.lora import (ZIMAGE_TARGETS, ZIMAGE_TARGETS_MISSING_COMMA, LoraSpec, intended_modules,
                                   make_lora_config, missing_lora)
     from paper_repro.tiny import tiny_zimage_transformer
 
@@ -37,11 +38,11 @@ def test_every_intended_zimage_module_has_lora_and_released_list_drops_w1_w2():
     adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert adapted == set(names)
 
-    # The released list, as Python evaluates it: "w1" "w2" -> "w1w2" matches nothing.
-    assert "w1w2" in ZIMAGE_RELEASED_TARGETS_AS_WRITTEN
+    # A list with the missing comma, as Python evaluates it: "w1" "w2" -> "w1w2" matches nothing.
+    assert "w1w2" in ZIMAGE_TARGETS_MISSING_COMMA
     buggy = tiny_zimage_transformer()
     add_student_teacher_lora(buggy, make_lora_config("zimage", LoraSpec(rank=4, alpha=8,
-                                                                        targets=ZIMAGE_RELEASED_TARGETS_AS_WRITTEN)))
+                                                                        targets=ZIMAGE_TARGETS_MISSING_COMMA)))
     missed = missing_lora(buggy, names, "student")
     assert sorted({m.rsplit(".", 1)[-1] for m in missed}) == ["w1", "w2"]
     assert len(missed) == 2 * n_blocks
