@@ -8,11 +8,17 @@ inference), text + target image for the teacher. One optimizer step:
         roll out the student, grade with the teacher, backward (1/M)·L_m
     clip ||∇θ|| to max_grad_norm; optimizer step; zero grads
     teacher update (EMA θ̄ ← d·θ̄ + (1 − d)·θ), via the caller's ``after_step``
+
+A launcher plugs in through two hooks: ``backward(loss)`` (e.g. ``accelerator.backward``)
+and ``clip_grad_norm(params, max_norm) -> norm`` (e.g. ``accelerator.clip_grad_norm_``).
+Whatever goes wrong inside a step — a NaN/inf loss or gradient, a bad model output, an
+interrupt — no gradient is left behind on the parameters and no parameter is changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence
 
@@ -23,10 +29,15 @@ from .checks import NonFiniteLossError
 from .dopsd import dopsd_rollout_loss
 from .losses import Space, flow_matching_loss
 
-__all__ = ["apply_gradients", "StepConfig", "MicroBatch", "SFTMicroBatch", "StepResult", "dopsd_train_step", "sft_train_step"]
+__all__ = ["Backward", "ClipGradNorm", "apply_gradients", "StepConfig", "MicroBatch", "SFTMicroBatch", "StepResult", "dopsd_train_step", "sft_train_step"]
 
 # model(x, sigma, context) -> velocity
 ContextModel = Callable[[Tensor, Tensor, Any], Tensor]
+# loss -> None, accumulating gradients (default: loss.backward())
+Backward = Callable[[Tensor], None]
+# (params, max_norm) -> total norm before clipping (default: torch.nn.utils.clip_grad_norm_);
+# None means the launcher does not report it (DeepSpeed clips inside its own step).
+ClipGradNorm = Callable[[list[Tensor], float], "Tensor | float | None"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,51 @@ class StepResult:
     final_states: Tensor | None = None
 
 
+def _clear_grads(params: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Drop every accumulated gradient (the optimizer's parameters and ``params``)."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+
+
+class _GradTrace:
+    """Finds the first roll-out step whose backward made the accumulated gradient non-finite.
+
+    With per-step backward the gradient of roll-out step k is accumulated before step k + 1
+    calls the student, so checking ``isfinite(||∇||)`` at each student call (and after the
+    roll-out) brackets every step. The checks stay on the device; only a failing step reads
+    them back.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.flags: list[Tensor] = []
+        self.labels: list[str] = []
+        self.current: str | None = None
+
+    def _finite(self) -> Tensor | None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return None
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        return torch.isfinite(torch.stack([n.float().to(grads[0].device) for n in norms]).sum())
+
+    def mark(self, label: str | None) -> None:
+        """Record the gradient state after ``self.current`` ran; ``label`` runs next."""
+        if self.current is not None:
+            flag = self._finite()
+            if flag is not None:
+                self.flags.append(flag)
+                self.labels.append(self.current)
+        self.current = label
+
+    def first_bad(self) -> str | None:
+        for flag, label in zip(self.flags, self.labels):
+            if not bool(flag):
+                return label
+        return None
+
+
 def _autocast(config: StepConfig, device: torch.device) -> contextlib.AbstractContextManager:
     if config.autocast_dtype is None:
         return contextlib.nullcontext()
@@ -105,22 +161,41 @@ def apply_gradients(
     config: StepConfig,
     after_step: Callable[[], None] | None,
     step: int | None = None,
+    clip_grad_norm: ClipGradNorm | None = None,
+    where: Callable[[], str] | None = None,
 ) -> float:
     """Clip, step the optimizer, zero the grads, then ``after_step()``; returns the grad norm.
 
+    Args:
+        clip_grad_norm: ``(params, max_norm) -> norm`` (default ``torch.nn.utils.clip_grad_norm_``);
+            a hook returning None reports no norm (the step is applied, NaN is returned).
+        where: called only on failure; text locating the non-finite gradient (roll-out step, σ).
+
     Raises:
-        NonFiniteLossError: the gradient norm is NaN/inf (grads are zeroed, nothing applied).
+        NonFiniteLossError: the gradient norm is NaN/inf (grads are cleared, nothing applied).
     """
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"gradient norm is {grad_norm.item()} at optimizer step {step}")
+    clip = clip_grad_norm if clip_grad_norm is not None else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(params, max_norm)
+    norm = float("nan") if grad_norm is None else float(grad_norm)
+    if grad_norm is not None and not math.isfinite(norm):
+        _clear_grads(params, optimizer)
+        located = where() if where is not None else ""
+        raise NonFiniteLossError(f"gradient norm is {norm} at optimizer step {step}{located}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if after_step is not None:
         after_step()
-    return float(grad_norm)
+    return norm
+
+
+def _check_micro_batches(micro_batches: Sequence[Any], field: str) -> None:
+    if not micro_batches:
+        raise ValueError("micro_batches is empty: an optimizer step needs at least one micro-batch")
+    for m, mb in enumerate(micro_batches):
+        x = getattr(mb, field)
+        if isinstance(x, Tensor) and (x.ndim == 0 or x.shape[0] == 0):
+            raise ValueError(f"micro-batch {m} is empty ({field} has shape {tuple(x.shape)}): nothing to train on")
 
 
 def dopsd_train_step(
@@ -133,50 +208,93 @@ def dopsd_train_step(
     config: StepConfig = StepConfig(),
     after_step: Callable[[], None] | None = None,
     step: int | None = None,
+    backward: Backward | None = None,
+    clip_grad_norm: ClipGradNorm | None = None,
 ) -> StepResult:
     """One D-OPSD optimizer step over ``len(micro_batches)`` accumulated micro-batches.
 
     Args:
         student: ``(x, σ, context) -> v``; its trainable tensors are ``params``.
         teacher: ``(x, σ, context) -> v``; called without grad on the student's states.
-        micro_batches: the accumulated micro-batches of this step.
+        micro_batches: the accumulated micro-batches of this step (none may be empty).
         sigmas: the roll-out grid (see :func:`dopsd_ref.dopsd_rollout_loss`).
         optimizer: any torch optimizer over ``params``.
         params: the trainable tensors (for clipping and the norm).
         config: loss space, gradient strategy, clipping, autocast.
         after_step: called after the optimizer step — the teacher's EMA update.
         step: the global step index, used in error messages.
+        backward: ``loss -> None`` for the single-backward strategy (e.g.
+            ``accelerator.backward``). The per-step strategy calls ``Tensor.backward`` inside
+            the roll-out, which is what ``accelerator.backward`` does without a gradient
+            scaler, DeepSpeed or accelerate-side accumulation; a hook with
+            ``grad_strategy="per_step"`` is refused rather than silently bypassed.
+        clip_grad_norm: ``(params, max_norm) -> norm`` (e.g. ``accelerator.clip_grad_norm_``).
 
     Raises:
-        NonFiniteLossError: a NaN/inf loss or gradient; no parameter is changed.
+        ValueError: no micro-batch, an empty one, or a backward hook with per-step backward.
+        NonFiniteLossError: a NaN/inf loss or gradient; no parameter is changed. For a
+            gradient, with per-step backward, the message names the first roll-out step
+            (and σ) whose backward made it non-finite.
     """
-    if not micro_batches:
-        raise ValueError("micro_batches is empty")
+    _check_micro_batches(micro_batches, "noise")
+    per_step = config.grad_strategy == "per_step"
+    if backward is not None and per_step:
+        raise ValueError("a backward hook needs grad_strategy='single' (per-step backward calls Tensor.backward "
+                         "inside the roll-out)")
+    do_backward = backward if backward is not None else Tensor.backward
     params = [p for p in params if p.requires_grad]
     scale = 1.0 / len(micro_batches)
     losses, per_steps, final = [], [], None
+    trace = _GradTrace(params) if per_step else None
+    sig_values = sigmas.tolist() if trace is not None else []
     try:
-        for mb in micro_batches:
+        for m, mb in enumerate(micro_batches):
+            calls = iter(range(len(sig_values)))
+
+            def student_fn(x: Tensor, s: Tensor, mb: MicroBatch = mb, m: int = m) -> Tensor:
+                if trace is not None:
+                    k = next(calls, None)
+                    trace.mark(None if k is None else f"micro-batch {m}, roll-out step {k} (sigma={sig_values[k]:.6g})")
+                return student(x, s, mb.student_context)
+
             with _autocast(config, mb.noise.device):
                 out = dopsd_rollout_loss(
-                    lambda x, s: student(x, s, mb.student_context),
-                    lambda x, s: teacher(x, s, mb.teacher_context),
+                    student_fn,
+                    lambda x, s, mb=mb: teacher(x, s, mb.teacher_context),
                     mb.noise,
                     sigmas,
                     space=config.space,
-                    per_step_backward=config.grad_strategy == "per_step",
+                    per_step_backward=per_step,
                     grad_scale=scale,
                     step_weights=config.step_weights,
                 )
-            if config.grad_strategy == "single":
-                (out.loss * scale).backward()
+            if trace is not None:
+                trace.mark(None)
+            if not per_step:
+                do_backward(out.loss * scale)
             losses.append(out.loss.detach())
             per_steps.append(out.per_step)
             final = out.states[-1]
     except NonFiniteLossError as exc:
-        optimizer.zero_grad(set_to_none=True)
+        _clear_grads(params, optimizer)
         raise NonFiniteLossError(f"optimizer step {step}: {exc}") from exc
-    grad_norm = apply_gradients(params, optimizer, config, after_step, step)
+    except BaseException:
+        _clear_grads(params, optimizer)
+        raise
+
+    def where() -> str:
+        if trace is None:
+            return " (grad_strategy='single': the roll-out step is not traceable)"
+        bad = trace.first_bad()
+        return f"; first non-finite after the backward of {bad}" if bad else ""
+
+    try:
+        grad_norm = apply_gradients(params, optimizer, config, after_step, step, clip_grad_norm, where)
+    except NonFiniteLossError:
+        raise
+    except BaseException:
+        _clear_grads(params, optimizer)
+        raise
     return StepResult(
         loss=float(torch.stack(losses).mean()),
         per_step=torch.stack(per_steps).mean(dim=0),
@@ -193,20 +311,25 @@ def sft_train_step(
     config: StepConfig = StepConfig(),
     after_step: Callable[[], None] | None = None,
     step: int | None = None,
+    backward: Backward | None = None,
+    clip_grad_norm: ClipGradNorm | None = None,
 ) -> StepResult:
-    """One flow-matching (SFT) optimizer step — the off-policy baseline, same plumbing."""
-    if not micro_batches:
-        raise ValueError("micro_batches is empty")
+    """One flow-matching (SFT) optimizer step — the off-policy baseline, same plumbing and hooks."""
+    _check_micro_batches(micro_batches, "x0")
+    do_backward = backward if backward is not None else Tensor.backward
     params = [p for p in params if p.requires_grad]
     scale = 1.0 / len(micro_batches)
     losses = []
-    for mb in micro_batches:
-        with _autocast(config, mb.x0.device):
-            loss = flow_matching_loss(lambda x, s: model(x, s, mb.context), mb.x0, mb.noise, mb.sigma)
-        if not torch.isfinite(loss.detach()):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"SFT loss is {loss.item()} at optimizer step {step}")
-        (loss * scale).backward()
-        losses.append(loss.detach())
-    grad_norm = apply_gradients(params, optimizer, config, after_step, step)
+    try:
+        for mb in micro_batches:
+            with _autocast(config, mb.x0.device):
+                loss = flow_matching_loss(lambda x, s: model(x, s, mb.context), mb.x0, mb.noise, mb.sigma)
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(f"SFT loss is {loss.item()} at optimizer step {step}")
+            do_backward(loss * scale)
+            losses.append(loss.detach())
+        grad_norm = apply_gradients(params, optimizer, config, after_step, step, clip_grad_norm)
+    except BaseException:
+        _clear_grads(params, optimizer)
+        raise
     return StepResult(loss=float(torch.stack(losses).mean()), per_step=torch.zeros(0), grad_norm=grad_norm)

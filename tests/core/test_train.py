@@ -103,3 +103,115 @@ def test_step_config_validation():
         StepConfig(grad_strategy="twice")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_grad_norm"):
         StepConfig(max_grad_norm=0.0)
+
+
+class _NanGradAt(torch.autograd.Function):
+    """Identity forward; the backward returns NaN (a finite loss with a NaN gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+class NanGradField(CtxField):
+    """CtxField whose gradient is NaN at one roll-out noise level only."""
+
+    def __init__(self, bad_sigma):
+        super().__init__()
+        self.bad_sigma = bad_sigma
+
+    def forward(self, x, sigma, context):
+        out = super().forward(x, sigma, context)
+        return _NanGradAt.apply(out) if float(sigma[0]) == self.bad_sigma else out
+
+
+@pytest.mark.parametrize("strategy", ["per_step", "single"])
+def test_nan_gradient_with_finite_loss_names_step_and_sigma(strategy):
+    """A NaN gradient behind a finite loss raises NonFiniteLossError naming the optimizer
+    step and, with per-step backward, the roll-out step and σ whose backward produced it;
+    no parameter changes and no gradient is left on the parameters."""
+    model = NanGradField(bad_sigma=0.5)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    teacher = make_teacher(model, "frozen")
+    with pytest.raises(NonFiniteLossError, match="gradient norm is nan at optimizer step 3") as info:
+        dopsd_train_step(model, teacher.module, [_batch(0), _batch(1)], dopsd_ref.uniform_sigmas(4), opt,
+                         model.parameters(), StepConfig(grad_strategy=strategy), step=3)
+    if strategy == "per_step":
+        assert "micro-batch 0, roll-out step 2 (sigma=0.5)" in str(info.value)
+    else:
+        assert "not traceable" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_error_mid_rollout_leaves_no_gradients_behind():
+    """Per-step backward has accumulated gradients of the first roll-out steps when a later
+    step fails (here: a wrong-shaped output at σ = 0.5); after the error no parameter holds
+    a gradient, so the next step does not start from a stale one."""
+    model = CtxField()
+
+    def student(x, s, c):
+        out = model(x, s, c)
+        return out[:, :3] if float(s[0]) == 0.5 else out
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        dopsd_train_step(student, make_teacher(model, "frozen").module, [_batch(0)], dopsd_ref.uniform_sigmas(4), opt,
+                         model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_empty_micro_batch_is_rejected():
+    """An empty micro-batch (batch dimension 0) is refused as such, not reported as a NaN loss."""
+    model = CtxField()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty = MicroBatch(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, 2, dtype=torch.float64),
+                       torch.zeros(0, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"micro-batch 1 is empty \(noise has shape \(0, 4\)\)"):
+        dopsd_train_step(model, model, [_batch(0), empty], dopsd_ref.uniform_sigmas(2), opt, model.parameters())
+    with pytest.raises(ValueError, match="micro_batches is empty"):
+        dopsd_train_step(model, model, [], dopsd_ref.uniform_sigmas(2), opt, model.parameters())
+    sft_empty = SFTMicroBatch(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="micro-batch 0 is empty"):
+        dopsd_ref.sft_train_step(model, [sft_empty], opt, model.parameters())
+
+
+def test_backward_and_clip_hooks_replace_the_defaults():
+    """A launcher's backward and clip hooks are what the step calls: with
+    ``backward = lambda l: l.backward()`` and torch's clip they reproduce the default step
+    exactly; a clip hook that reports no norm (DeepSpeed) still applies the step and returns
+    NaN; a backward hook with per-step backward is refused, not silently bypassed."""
+    calls = {"backward": 0, "clip": 0}
+
+    def backward(loss):
+        calls["backward"] += 1
+        loss.backward()
+
+    def clip(params, max_norm):
+        calls["clip"] += 1
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    mbs = [_batch(0), _batch(1)]
+    ref, _, r_ref = _step("single", mbs, clip=0.5)
+    model = CtxField()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    teacher = make_teacher(model, "ema", 0.5)
+    res = dopsd_train_step(model, teacher.module, mbs, dopsd_ref.uniform_sigmas(4), opt, model.parameters(),
+                           StepConfig(grad_strategy="single", max_grad_norm=0.5), lambda: teacher.update(model),
+                           backward=backward, clip_grad_norm=clip)
+    assert calls == {"backward": 2, "clip": 1}
+    assert res.grad_norm == r_ref.grad_norm
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    before = copy.deepcopy(model)
+    res = dopsd_train_step(model, teacher.module, mbs, dopsd_ref.uniform_sigmas(4), opt, model.parameters(),
+                           StepConfig(grad_strategy="single"), clip_grad_norm=lambda p, m: None)
+    assert res.grad_norm != res.grad_norm  # NaN: not reported
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+    with pytest.raises(ValueError, match="backward hook needs grad_strategy='single'"):
+        dopsd_train_step(model, teacher.module, mbs, dopsd_ref.uniform_sigmas(4), opt, model.parameters(),
+                         StepConfig(grad_strategy="per_step"), backward=backward)
