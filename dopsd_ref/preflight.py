@@ -25,6 +25,10 @@ target than the student's. **Overall** the same rule is applied to the per-sampl
 ``D_s[b] = mean_k d_s[k, b]`` and ``D_t[b] = mean_k d_t[k, b]`` (high-noise steps, where the
 distances are largest, weigh most — as in the x0-space loss). The states and the grid are
 those of :func:`dopsd_ref.sampling.euler_sample` and :func:`dopsd_ref.dopsd_rollout_loss`.
+
+Reading a per-step row: near σ = 1 the student's x̂0 is close to the MSE-optimal mean of the
+images its prompt allows, so a teacher that commits to one sharp image can be farther in MSE
+there even when it carries the target's concept; the overall verdict pools the steps.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ Two readings, both on the training prompts, ``seeds`` noises per target:
 
 It also writes a PNG grid: the targets in the first row, then for each seed a row of teacher
 samples above a row of student samples.
+
+Measured on the shipped weights (12 targets × 4 seeds, the commands above): tokens route,
+x0 distance per step −46%, +68%, +26%, +6.5% (σ = 1, .75, .5, .25; positive = teacher closer),
+overall +17.7% → "teacher better", samples 1.00 vs 0.00; encoder route, overall +1.0% → "not
+better", samples 0.06 vs 0.00. The first row is negative although the teacher carries the L: at
+σ = 1 the student's x0 is the MSE-optimal blur over its prompt's images, and a teacher that
+commits to a sharp glyph is farther in MSE; the verdict uses the overall row.
 """
 
 from __future__ import annotations
