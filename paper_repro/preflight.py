@@ -82,6 +82,9 @@ def encode_targets(trainer, images: list, h: int, w: int) -> Tensor:
     Returns ``(B, C, H/8, W/8)`` (Z-Image) or ``(B, h·w, 4C)`` (FLUX.2), float32 on the device.
     """
     comps = trainer.comps
+    if getattr(comps, "vae", None) is None:
+        raise ValueError("the teacher pre-flight encodes the target images with the VAE, but this run loaded none "
+                         "(data.cache set?): run the pre-flight without data.cache")
     pix = torch.stack([pil_to_tensor(im) for im in images]).to(trainer.device)
     if trainer.cfg.model.backbone == "zimage":
         vae = comps.vae
