@@ -34,6 +34,9 @@ class ModelConfig:
         teacher_instruction: appended to the teacher's prompt (FLUX.2 editing branch only).
         flux2_teacher: "editing" (reference-image tokens, the released post-paper variant) or
             "vlm" (hybrid Qwen3-VL context with the text encoder's LM, FLUX.2's stacked layers).
+        random_init: build every component at its real size from the published configs in
+            ``paper_repro/configs/published`` with random weights (dry runs: step time and
+            memory without downloading any weights); ``pretrained`` picks the configs.
     """
 
     backbone: str = "zimage"
@@ -48,6 +51,7 @@ class ModelConfig:
     flux2_text_layers: tuple[int, ...] = (9, 18, 27)
     teacher_instruction: str = ""
     flux2_teacher: str = "editing"
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         if self.flux2_teacher not in ("editing", "vlm"):
@@ -133,11 +137,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Folder dataset: ``root`` with image + same-stem .txt caption pairs."""
+    """Folder dataset: ``root`` with image + same-stem .txt caption pairs.
+
+    ``cache``: a folder written by ``python -m paper_repro.cache`` (VAE latents, student and
+    teacher contexts of every pair); when set, the trainer reads contexts from it and never
+    loads the text encoder, the VLM or the VAE.
+    """
 
     root: str = ""
     resolution: int = 1024
     caption_prefix: str = ""
+    cache: str = ""
 
     def __post_init__(self) -> None:
         if not self.root:

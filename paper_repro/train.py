@@ -44,18 +44,11 @@ from dopsd_ref import dopsd_rollout_loss, ema_update_
 from dopsd_ref.lora import STUDENT, TEACHER, add_student_teacher_lora, lora_ema_update_, lora_parameters, use_adapter
 from dopsd_ref.sampling import euler_sample
 
-from .adapters import (
-    Flux2Reference,
-    Flux2Velocity,
-    ZImageVelocity,
-    flux2_encode_reference,
-    flux2_packed_to_pipeline_latents,
-    flux2_reference_ids,
-)
-from .components import Components, load_components
+from .adapters import Flux2Velocity, ZImageVelocity, flux2_packed_to_pipeline_latents
+from .cache import BatchContexts, collate, context_source, encode_sample, load_run_components
+from .components import Components
 from .config import RunConfig, load_config
-from .contexts import flux2_text_context, zimage_text_context
-from .data import BucketBatchPlan, FolderDataset, pil_to_tensor
+from .data import BucketBatchPlan, FolderDataset
 from .grids import training_grid
 from .lora import LoraSpec, intended_modules, make_lora_config, missing_lora, resolve_targets, save_lora_for_pipeline
 
@@ -96,7 +89,8 @@ class DOPSDTrainer:
         set_seed(t.seed)
         self.out = Path(cfg.output_dir)
         self.device = self.acc.device
-        self.comps: Components = load_components(cfg.model, self.device)
+        self.comps: Components = load_run_components(cfg, self.device)  # transformer only with data.cache
+        set_seed(t.seed)  # LoRA init must not depend on which components were built (cached vs live run)
         backbone = cfg.model.backbone
         tr = self.comps.transformer
 
@@ -141,10 +135,12 @@ class DOPSDTrainer:
                           stacklevel=2)
 
         # --- data --------------------------------------------------------------------------
-        vsf = 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
+        vsf = self.comps.vae_scale_factor
         self.vae_scale = vsf
         self.dataset = FolderDataset(cfg.data.root, cfg.data.resolution, multiple=2 * vsf,
                                      caption_prefix=cfg.data.caption_prefix)
+        # live encoders, or the cache (checked against the data folder and the settings here)
+        self.contexts = context_source(cfg, self.comps, self.dataset, self.device)
         self.plan = BucketBatchPlan(self.dataset, t.batch_size, self.acc.num_processes, t.seed)
         self.step = 0
         self.log_path = self.out / "log.jsonl"
@@ -161,32 +157,24 @@ class DOPSDTrainer:
         return (batch, (lh // 2) * (lw // 2), c), lh // 2, lw // 2
 
     def velocity_fns(self, prompts: list[str], images: list, h: int, w: int) -> tuple[VelocityFn, VelocityFn]:
-        """Student (text context, trainable weights) and teacher (multimodal context, EMA weights)."""
-        m = self.cfg.model
-        comps = self.comps
-        teacher_net = self.teacher_module if self.teacher_module is not None else self.unwrapped
-        if m.backbone == "zimage":
-            caps_s = zimage_text_context(comps.text_encoder, comps.tokenizer, prompts, m.max_sequence_length, self.device)
-            caps_t = comps.vlm_context(prompts, images)
-            student = ZImageVelocity(self.model, caps_s)
-            teacher_inner = ZImageVelocity(teacher_net, caps_t)
-        else:
-            emb_s = flux2_text_context(comps.text_encoder, comps.tokenizer, prompts, m.flux2_text_layers,
-                                       m.max_sequence_length, self.device)
-            if m.flux2_teacher == "vlm":
-                student = Flux2Velocity(self.model, emb_s, h, w)
-                teacher_inner = Flux2Velocity(teacher_net, comps.vlm_context(prompts, images), h, w)
-                return self._with_teacher_adapter(student, teacher_inner)
-            t_prompts = [(p + " " + m.teacher_instruction).strip() for p in prompts]
-            emb_t = emb_s if t_prompts == list(prompts) else flux2_text_context(
-                comps.text_encoder, comps.tokenizer, t_prompts, m.flux2_text_layers, m.max_sequence_length, self.device)
-            pix = torch.stack([pil_to_tensor(im) for im in images]).to(self.device)
-            with torch.no_grad():
-                tokens, rh, rw = flux2_encode_reference(comps.vae, pix)
-            ref = Flux2Reference(tokens, flux2_reference_ids([(rh, rw)], device=self.device))
-            student = Flux2Velocity(self.model, emb_s, h, w)
-            teacher_inner = Flux2Velocity(teacher_net, emb_t, h, w, reference=ref)
+        """Student (text context, trainable weights) and teacher (multimodal context, EMA weights).
 
+        Encodes the pairs with the live encoders, one pair at a time (``paper_repro.cache.encode_sample``).
+        """
+        m = self.cfg.model
+        samples = [encode_sample(self.comps, m, p, im, self.device) for p, im in zip(prompts, images)]
+        grid = (h, w) if m.backbone == "flux2" else None  # reference image = target at the bucket size
+        return self.velocity_fns_from(collate(m, samples, grid, self.device), h, w)
+
+    def velocity_fns_from(self, ctx: BatchContexts, h: int, w: int) -> tuple[VelocityFn, VelocityFn]:
+        """The two velocity functions of a micro-batch whose contexts are given (live or cached)."""
+        teacher_net = self.teacher_module if self.teacher_module is not None else self.unwrapped
+        if self.cfg.model.backbone == "zimage":
+            student = ZImageVelocity(self.model, ctx.student)
+            teacher_inner = ZImageVelocity(teacher_net, ctx.teacher)
+        else:
+            student = Flux2Velocity(self.model, ctx.student, h, w)
+            teacher_inner = Flux2Velocity(teacher_net, ctx.teacher, h, w, reference=ctx.reference)
         return self._with_teacher_adapter(student, teacher_inner)
 
     def _with_teacher_adapter(self, student: VelocityFn, teacher_inner: VelocityFn) -> tuple[VelocityFn, VelocityFn]:
@@ -205,15 +193,13 @@ class DOPSDTrainer:
         t = self.cfg.train
         gstep = step * t.grad_accum + micro
         idx = self.plan.batch(gstep, self.acc.process_index)
-        loaded = [self.dataset.load(i) for i in idx]
-        images, prompts = [x[0] for x in loaded], [x[1] for x in loaded]
         bucket = self.dataset.samples[idx[0]].bucket
         shape, h, w = self._latent_shape(len(idx), bucket)
         g = torch.Generator().manual_seed(_seed_for(t.seed, gstep, self.acc.process_index))
         noise = torch.randn(shape, generator=g).to(self.device)
         seq = h * w if self.cfg.model.backbone == "flux2" else None
         sigmas = training_grid(self.cfg.model.backbone, t.num_rollout_steps, seq, t.sigmas).to(torch.float32)
-        student, teacher = self.velocity_fns(prompts, images, h, w)
+        student, teacher = self.velocity_fns_from(self.contexts.batch(idx), h, w)
         return noise, sigmas, student, teacher
 
     # ------------------------------------------------------------------ one step
@@ -386,16 +372,22 @@ class DOPSDTrainer:
         seq = h * w if m.backbone == "flux2" else None
         sigmas = training_grid(m.backbone, t.num_rollout_steps, seq, t.sigmas).to(torch.float32)
         vae = self.comps.vae
+        caps = self.contexts.prompts(prompts).student
         with self.acc.autocast():
             if m.backbone == "zimage":
-                caps = zimage_text_context(self.comps.text_encoder, self.comps.tokenizer, prompts,
-                                           m.max_sequence_length, self.device)
                 lat = euler_sample(ZImageVelocity(self.unwrapped, caps), noise, sigmas)
+            else:
+                lat = euler_sample(Flux2Velocity(self.unwrapped, caps, h, w), noise, sigmas)
+            if vae is None:  # cached run: no VAE; `python -m paper_repro.cache decode` turns these into a PNG
+                from safetensors.torch import save_file
+
+                path = self.out / "samples" / f"step-{self.step:07d}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"latents": lat.float().cpu().contiguous()}, str(path), metadata={"h": str(h), "w": str(w)})
+                return path
+            if m.backbone == "zimage":
                 lat = lat / vae.config.scaling_factor + vae.config.shift_factor
             else:
-                emb = flux2_text_context(self.comps.text_encoder, self.comps.tokenizer, prompts, m.flux2_text_layers,
-                                         m.max_sequence_length, self.device)
-                lat = euler_sample(Flux2Velocity(self.unwrapped, emb, h, w), noise, sigmas)
                 lat = flux2_packed_to_pipeline_latents(lat, h, w, vae)
             img = vae.decode(lat.to(next(vae.parameters()).dtype), return_dict=False)[0]
         img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -439,6 +431,9 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
     ap.add_argument("--config", required=True, help="YAML/JSON run config (see paper_repro/configs)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints/latest in output_dir")
+    ap.add_argument("--random-init", action="store_true",
+                    help="real-size components from the published configs with random weights (dry run; "
+                         "= --set model.random_init=true; model.pretrained picks the configs)")
     ap.add_argument("--dump-rank-params", action="store_true",
                     help="after training, every rank writes its trainable + teacher tensors to "
                          "output_dir/rank<r>_params.pt (to verify that ranks stay identical)")
@@ -448,7 +443,7 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
                     "student (paper_repro.preflight); warn if not, then train")
     add_preflight_flags(ap, prefix="preflight-")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set + (["model.random_init=true"] if args.random_init else []))
     trainer = DOPSDTrainer(cfg)
     if args.preflight:
         preflight_from_args(trainer, args, prefix="preflight-")
