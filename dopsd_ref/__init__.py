@@ -16,6 +16,7 @@ Stable surface (external validators call it)::
 
 from .baselines import offpolicy_distillation_loss
 from .checks import NonFiniteLossError
+from .curriculum import KSchedule
 from .conventions import (
     euler_step,
     expand_sigma,
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DOPSDOutput",
+    "KSchedule",
     "LiveTeacherWarning",
     "MicroBatch",
     "NonFiniteLossError",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .checks import NonFiniteLossError
+from .curriculum import KSchedule
 from .dopsd import dopsd_rollout_loss
 from .losses import Space, flow_matching_loss
 
@@ -96,12 +97,15 @@ class StepResult:
         per_step: [K] mean D-OPSD loss per roll-out step over micro-batches (empty for SFT).
         grad_norm: global gradient norm before clipping.
         final_states: [B, ...] final roll-out samples of the last micro-batch (None for SFT).
+        reconstruction_loss: mean auxiliary flow-matching loss (unweighted) over micro-batches,
+            when a D-OPSD step used one (None otherwise); ``loss`` already includes λ times it.
     """
 
     loss: float
     per_step: Tensor
     grad_norm: float
     final_states: Tensor | None = None
+    reconstruction_loss: float | None = None
 
 
 def _clear_grads(params: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> None:
@@ -202,7 +206,7 @@ def dopsd_train_step(
     student: ContextModel,
     teacher: ContextModel,
     micro_batches: Sequence[MicroBatch],
-    sigmas: Tensor,
+    sigmas: Tensor | KSchedule,
     optimizer: torch.optim.Optimizer,
     params: Iterable[Tensor],
     config: StepConfig = StepConfig(),
@@ -210,14 +214,27 @@ def dopsd_train_step(
     step: int | None = None,
     backward: Backward | None = None,
     clip_grad_norm: ClipGradNorm | None = None,
+    *,
+    reconstruction: Sequence[SFTMicroBatch] | None = None,
+    reconstruction_weight: float = 0.0,
 ) -> StepResult:
     """One D-OPSD optimizer step over ``len(micro_batches)`` accumulated micro-batches.
+
+    With an auxiliary reconstruction loss of weight λ (default 0, as the released code) the
+    loss of micro-batch m is::
+
+        L_m = L_D-OPSD,m + λ·L_FM,m,   L_FM = mean((v_θ(x_σ, σ, c_s) − (ε − x0))²),
+        x_σ = (1 − σ)·x0 + σ·ε        (x0: the target; see :func:`dopsd_ref.flow_matching_loss`)
+
+    so the gradient is ∇L_D-OPSD + λ·∇L_FM; with λ = 0 the reconstruction micro-batches are
+    not evaluated at all (bit-identical to a step without them).
 
     Args:
         student: ``(x, σ, context) -> v``; its trainable tensors are ``params``.
         teacher: ``(x, σ, context) -> v``; called without grad on the student's states.
         micro_batches: the accumulated micro-batches of this step (none may be empty).
-        sigmas: the roll-out grid (see :func:`dopsd_ref.dopsd_rollout_loss`).
+        sigmas: the roll-out grid (see :func:`dopsd_ref.dopsd_rollout_loss`), or a
+            :class:`dopsd_ref.KSchedule` read at ``step`` (a curriculum of roll-out lengths K).
         optimizer: any torch optimizer over ``params``.
         params: the trainable tensors (for clipping and the norm).
         config: loss space, gradient strategy, clipping, autocast.
@@ -229,14 +246,25 @@ def dopsd_train_step(
             scaler, DeepSpeed or accelerate-side accumulation; a hook with
             ``grad_strategy="per_step"`` is refused rather than silently bypassed.
         clip_grad_norm: ``(params, max_norm) -> norm`` (e.g. ``accelerator.clip_grad_norm_``).
+        reconstruction: one flow-matching micro-batch per D-OPSD micro-batch (targets, noise,
+            σ, the student's text context), used when ``reconstruction_weight > 0``.
+        reconstruction_weight: λ >= 0, finite.
 
     Raises:
-        ValueError: no micro-batch, an empty one, or a backward hook with per-step backward.
+        ValueError: no micro-batch, an empty one, a backward hook with per-step backward, a
+            K schedule without ``step``, λ < 0 or not finite, or λ > 0 without one
+            reconstruction micro-batch per micro-batch.
         NonFiniteLossError: a NaN/inf loss or gradient; no parameter is changed. For a
             gradient, with per-step backward, the message names the first roll-out step
             (and σ) whose backward made it non-finite.
     """
     _check_micro_batches(micro_batches, "noise")
+    if isinstance(sigmas, KSchedule):
+        if step is None:
+            raise ValueError("sigmas is a K schedule: pass step= (the optimizer step it is read at)")
+        sigmas = sigmas.sigmas(step)
+    recon_w = _reconstruction_weight(reconstruction, reconstruction_weight, len(micro_batches))
+    recon_losses: list[Tensor] = []
     per_step = config.grad_strategy == "per_step"
     if backward is not None and per_step:
         raise ValueError("a backward hook needs grad_strategy='single' (per-step backward calls Tensor.backward "
@@ -270,9 +298,23 @@ def dopsd_train_step(
                 )
             if trace is not None:
                 trace.mark(None)
+            recon = None
+            if recon_w > 0:  # λ·L_FM on the target, with the student's text context
+                rb = reconstruction[m]  # type: ignore[index]
+                if trace is not None:
+                    trace.mark(f"micro-batch {m}, reconstruction loss")
+                with _autocast(config, rb.x0.device):
+                    recon = flow_matching_loss(lambda x, s, rb=rb: student(x, s, rb.context), rb.x0, rb.noise, rb.sigma)
+                if not torch.isfinite(recon.detach()):
+                    raise NonFiniteLossError(f"micro-batch {m}: reconstruction (flow-matching) loss is {recon.item()}")
+                if per_step:
+                    (recon * (recon_w * scale)).backward()
+                    if trace is not None:
+                        trace.mark(None)
+                recon_losses.append(recon.detach())
             if not per_step:
-                do_backward(out.loss * scale)
-            losses.append(out.loss.detach())
+                do_backward(out.loss * scale if recon is None else (out.loss + recon_w * recon) * scale)
+            losses.append(out.loss.detach() if recon is None else out.loss.detach() + recon_w * recon.detach())
             per_steps.append(out.per_step)
             final = out.states[-1]
     except NonFiniteLossError as exc:
@@ -300,7 +342,23 @@ def dopsd_train_step(
         per_step=torch.stack(per_steps).mean(dim=0),
         grad_norm=grad_norm,
         final_states=final,
+        reconstruction_loss=float(torch.stack(recon_losses).mean()) if recon_losses else None,
     )
+
+
+def _reconstruction_weight(reconstruction: Sequence[SFTMicroBatch] | None, weight: float, num_micro: int) -> float:
+    """Validate λ and the reconstruction micro-batches; returns λ as a float."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"reconstruction_weight must be a finite number >= 0, got {weight!r}")
+    weight = float(weight)
+    if weight > 0:
+        if reconstruction is None:
+            raise ValueError(f"reconstruction_weight = {weight} needs reconstruction micro-batches (targets, noise, sigma)")
+        if len(reconstruction) != num_micro:
+            raise ValueError(f"{len(reconstruction)} reconstruction micro-batches for {num_micro} D-OPSD micro-batches: "
+                             "one per micro-batch is needed")
+        _check_micro_batches(reconstruction, "x0")
+    return weight
 
 
 def sft_train_step(
