@@ -18,21 +18,29 @@ def _tensors(shape, seed):
 
 @given(shapes, st.integers(0, 2**16), st.lists(sig, min_size=4, max_size=4))
 def test_zimage_round_trip_float64(shape, seed, sigmas):
-    """Z-Image conversions are exact inverses in float64: σ → t = 1−σ → σ, and v → out = −v → v."""
+    """Z-Image conversions are exact inverses in float64: σ → t = 1−σ → σ, and v → out = −v → v;
+    each direction is pinned: t = 1 − σ, σ = 1 − t, out = −v, v = −out."""
     v, _ = _tensors(shape, seed)
     s = torch.tensor(sigmas[: shape[0]] + [0.5] * max(0, shape[0] - 4), dtype=torch.float64)[: shape[0]]
     assert torch.equal(C.sigma_from_zimage_time(C.zimage_time_from_sigma(s)), 1.0 - (1.0 - s))
     assert torch.allclose(C.sigma_from_zimage_time(C.zimage_time_from_sigma(s)), s, atol=1e-15, rtol=0)
     assert torch.equal(C.velocity_from_zimage_output(C.zimage_output_from_velocity(v)), v)
+    # each direction pinned on its own (a pair of mutually inverse wrong maps also round-trips)
+    assert torch.equal(C.zimage_time_from_sigma(s), 1.0 - s) and torch.equal(C.sigma_from_zimage_time(s), 1.0 - s)
+    assert torch.equal(C.zimage_output_from_velocity(v), -v) and torch.equal(C.velocity_from_zimage_output(v), -v)
+    assert C.zimage_time_from_sigma(torch.tensor([1.0, 0.25])).tolist() == [0.0, 0.75]  # σ = 1 is t = 0 (noise)
 
 
 @given(shapes, st.integers(0, 2**16))
 def test_flux2_round_trip_float64(shape, seed):
-    """FLUX.2 conversions are the identity: timestep = σ and output = v, both ways, exactly."""
+    """FLUX.2 conversions are the identity: timestep = σ and output = v, both ways, exactly;
+    each direction is pinned on its own."""
     v, _ = _tensors(shape, seed)
     s = torch.rand(shape[0], dtype=torch.float64)
     assert torch.equal(C.sigma_from_flux2_timestep(C.flux2_timestep_from_sigma(s)), s)
     assert torch.equal(C.velocity_from_flux2_output(C.flux2_output_from_velocity(v)), v)
+    assert torch.equal(C.flux2_timestep_from_sigma(s), s) and torch.equal(C.sigma_from_flux2_timestep(s), s)
+    assert torch.equal(C.flux2_output_from_velocity(v), v) and torch.equal(C.velocity_from_flux2_output(v), v)
 
 
 @given(shapes, st.integers(0, 2**16))
@@ -53,10 +61,13 @@ def test_wrapped_models_agree_across_conventions(shape, seed):
 
 @given(shapes, st.integers(0, 2**16), sig)
 def test_x0_velocity_noise_round_trips(shape, seed, s):
-    """x0 = x − σv, ε = x + (1−σ)v and v = (x − x0)/σ are mutually consistent in float64."""
+    """On the straight path x_σ = (1−σ)x0 + σε with v = ε − x0 (both pinned), x0 = x − σv,
+    ε = x + (1−σ)v and v = (x − x0)/σ recover x0, ε and v in float64."""
     x0, eps = _tensors(shape, seed)
     x = C.noise_state(x0, eps, s)
     v = C.velocity_target(x0, eps)
+    # the path and its velocity pinned on their own: x_σ = (1 − σ)·x0 + σ·ε, v = ε − x0
+    assert torch.allclose(x, (1 - s) * x0 + s * eps, atol=1e-15, rtol=0) and torch.equal(v, eps - x0)
     assert torch.allclose(C.x0_from_velocity(x, s, v), x0, atol=1e-12)
     assert torch.allclose(C.noise_from_velocity(x, s, v), eps, atol=1e-12)
     assert torch.allclose(C.velocity_from_x0(x, s, x0), v, atol=1e-9 / s)

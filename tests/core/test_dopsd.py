@@ -206,3 +206,52 @@ def test_partial_application_keeps_signature():
     out = dopsd_rollout_loss(functools.partial(model, ctx=2.0), functools.partial(model, ctx=1.0),
                              torch.ones(2, 3), dopsd_ref.uniform_sigmas(2))
     assert out.loss.item() > 0
+
+
+# -----------------------------------------------------------------------------
+# Independent oracles: the exact straight-path field, a spy teacher
+# -----------------------------------------------------------------------------
+
+
+@given(case=cases, sigmas=sigma_grids(max_steps=8), x_dependent=st.booleans())
+def test_straight_path_field_lands_on_x0(case, sigmas, x_dependent):
+    """For the exact straight-path field of a pair (x0, ε) — the constant v = ε − x0, or
+    v(x, σ) = (x − x0)/σ, which equals it on the path — the roll-out's and the sampler's
+    states are x_k = (1 − σ_k)·x0 + σ_k·ε on any valid grid, and the final state is x0.
+    The oracle is written here, independent of dopsd_ref's Euler step."""
+    _, batch, dim, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    eps = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    if x_dependent:
+        field = lambda x, s: (x - x0) / s[:, None]  # noqa: E731
+    else:
+        field = lambda x, s: (eps - x0).clone()  # noqa: E731
+    want = torch.stack([(1 - s) * x0 + s * eps for s in sigmas.tolist()] + [x0])  # [K+1, B, D]
+    rollout_states = dopsd_rollout_loss(field, field, eps, sigmas).states
+    sampler_states = euler_sample(field, eps, sigmas, return_states=True)
+    for states in (rollout_states, sampler_states):
+        torch.testing.assert_close(states, want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(states[-1], x0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(euler_sample(field, eps, sigmas), x0, atol=1e-12, rtol=0)
+
+
+@given(case=cases, sigmas=sigma_grids(), space=st.sampled_from(["x0", "velocity"]))
+def test_teacher_runs_with_grad_disabled(case, sigmas, space):
+    """The teacher is evaluated with autograd off: a spy teacher sees
+    torch.is_grad_enabled() == False at every one of its K calls (the student sees True),
+    with the default single graph and with per-step backward."""
+    student, teacher, noise = _setup(case, sigmas)
+    for per_step_backward in (False, True):
+        seen = {"teacher": [], "student": []}
+
+        def spy(role, model):
+            def call(x, s):
+                seen[role].append(torch.is_grad_enabled())
+                return model(x, s)
+            return call
+
+        dopsd_rollout_loss(spy("student", student), spy("teacher", teacher), noise, sigmas, space=space,
+                           per_step_backward=per_step_backward)
+        assert seen["teacher"] == [False] * len(sigmas), seen
+        assert seen["student"] == [True] * len(sigmas), seen

@@ -58,6 +58,44 @@ def test_uniform_and_shift_formulas():
     assert math.isclose(s[2].item(), 3 * 0.5 / (1 + 2 * 0.5))
 
 
+@given(st.integers(1, 32), st.floats(0.2, 8.0), st.integers(1, 8192))
+def test_constructors_return_the_stated_values(k, shift, seq_len):
+    """Every grid constructor returns the values its formula states, element by element:
+    uniform σ_j = 1 − (j − 1)/K; shifted σ'_j = s·σ_j/(1 + (s − 1)·σ_j); FLUX.2
+    σ'_j = e^mu/(e^mu + 1/σ_j − 1) with mu = flux2_empirical_mu(seq_len, K)."""
+    uni = [1 - j / k for j in range(k)]
+    assert S.uniform_sigmas(k).tolist() == pytest.approx(uni, rel=1e-15, abs=1e-15)
+    assert S.shifted_sigmas(k, shift).tolist() == pytest.approx(
+        [shift * u / (1 + (shift - 1) * u) for u in uni], rel=1e-13, abs=0)
+    em = math.exp(S.flux2_empirical_mu(seq_len, k))
+    assert S.flux2_sigmas(k, seq_len).tolist() == pytest.approx([em / (em + 1 / u - 1) for u in uni], rel=1e-13, abs=0)
+
+
+def test_flux2_empirical_mu_values():
+    """The empirical mu is the linear fit in tokens, interpolated in K between the 10- and
+    200-step fits (a1 = 8.73809524e-5, b1 = 1.89833333; a2 = 0.00016927, b2 = 0.45666666),
+    and the 200-step fit alone above 4300 tokens."""
+    m10, m200 = 8.73809524e-05 * 4096 + 1.89833333, 0.00016927 * 4096 + 0.45666666
+    assert S.flux2_empirical_mu(4096, 10) == pytest.approx(m10, rel=1e-12)
+    assert S.flux2_empirical_mu(4096, 200) == pytest.approx(m200, rel=1e-12)
+    assert S.flux2_empirical_mu(4096, 4) == pytest.approx(m10 + (m200 - m10) * (4 - 10) / 190, rel=1e-12)
+    assert S.flux2_empirical_mu(6000, 4) == pytest.approx(0.00016927 * 6000 + 0.45666666, rel=1e-12)
+
+
+@given(st.lists(st.floats(0.02, 0.98), max_size=7, unique=True))
+def test_step_sizes(rest):
+    """step_sizes gives the K Euler steps Δσ_k = σ_{k+1} − σ_k with the terminal σ_{K+1} = 0:
+    all negative, summing to −1 (the roll-out goes from pure noise to data)."""
+    grid = torch.tensor([1.0] + sorted({round(r, 6) for r in rest}, reverse=True), dtype=torch.float64)
+    d = S.step_sizes(grid)
+    want = [b - a for a, b in zip(grid.tolist(), grid.tolist()[1:] + [0.0])]
+    assert d.shape == grid.shape and d.tolist() == pytest.approx(want, rel=0, abs=1e-15)
+    assert (d < 0).all() and float(d.sum()) == pytest.approx(-1.0, abs=1e-12)
+    assert S.step_sizes(torch.tensor([1.0, 0.5])).tolist() == [-0.5, -0.5]
+    with pytest.raises(ValueError, match="sigmas"):
+        S.step_sizes(torch.tensor([0.5, 0.25]))
+
+
 def test_flux2_grid_matches_diffusers_scheduler():
     """Our FLUX.2 grid equals diffusers' FlowMatchEulerDiscreteScheduler with the empirical mu."""
     diffusers = pytest.importorskip("diffusers")

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -140,3 +140,53 @@ def test_lora_student_teacher_ema():
     with use_adapter(model, "teacher"):
         assert not any(p.requires_grad for p in tea.values())
     assert all(p.requires_grad for p in stu.values())
+
+
+def _lora_model(seed: int):
+    peft = pytest.importorskip("peft")
+    from dopsd_ref.lora import add_student_teacher_lora
+
+    torch.manual_seed(seed)  # peft's A initialisation draws from the global generator
+    model = Tiny().double()
+    return add_student_teacher_lora(model, peft.LoraConfig(r=2, target_modules=["to_q", "to_v", "ff"]),
+                                    adapter_dtype=torch.float64)
+
+
+@settings(max_examples=8)
+@given(st.integers(0, 2**16))
+def test_lora_teacher_starts_as_exact_copy_of_student(seed):
+    """Right after the two adapters are created, every teacher LoRA tensor (A and B of every
+    adapted layer) equals its student counterpart exactly, and no LoRA tensor is missing on
+    either side."""
+    from dopsd_ref.lora import lora_parameters
+
+    model = _lora_model(seed)
+    stu, tea = lora_parameters(model, "student"), lora_parameters(model, "teacher")
+    assert len(stu) == 6 and sorted(n.replace(".student.", ".teacher.") for n in stu) == sorted(tea)
+    for n, p in stu.items():
+        assert torch.equal(tea[n.replace(".student.", ".teacher.")], p), n
+    assert any(p.abs().sum() > 0 for n, p in stu.items() if "lora_A" in n)  # A is not trivially 0
+
+
+@settings(max_examples=8)
+@given(st.integers(0, 2**16), st.floats(0.0, 1.0))
+def test_lora_ema_moves_every_tensor(seed, decay):
+    """After every student LoRA tensor (A and B) is perturbed, lora_ema_update_ sets each
+    teacher tensor t to d·t + (1 − d)·s with s its own student counterpart, and leaves the
+    student and the base weights untouched."""
+    from dopsd_ref.lora import lora_ema_update_, lora_parameters
+
+    model = _lora_model(seed)
+    stu, tea = lora_parameters(model, "student"), lora_parameters(model, "teacher")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in stu.values():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora_ema_update_(model, decay)
+    for n, p in model.named_parameters():
+        if n in tea:
+            s = before[n.replace(".teacher.", ".student.")]
+            torch.testing.assert_close(p, decay * before[n] + (1 - decay) * s, atol=1e-12, rtol=1e-12)
+        else:
+            assert torch.equal(p, before[n]), f"{n} changed"
