@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, name, run_cfg in runs:
         method = "sft" if key.startswith("sft") else "dopsd"
         cfg = run_cfg.replace(method=method, out=str(out / "runs" / key))
-        res = run_finetune(cfg, targets=targets, evaluate=evaluate)
+        res = run_finetune(cfg, targets=targets, evaluate=evaluate, overwrite=True)
         logs[name] = res.log
         timings[name] = res.seconds
         record(name, res.roles.module)

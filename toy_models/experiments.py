@@ -115,7 +115,7 @@ def run_suite(name: str, train_seeds: int, gen_seeds: int, steps: int, out: Path
         for v in variants:
             if v.reuse is None:
                 cfg = cfg0.replace(seed=ts, out=str(out / "runs" / f"{v.name.replace(' ', '_')}_seed{ts}"), **v.changes)
-                models[(v.name, ts)] = run_finetune(cfg, targets=targets, progress=progress).roles.module
+                models[(v.name, ts)] = run_finetune(cfg, targets=targets, progress=progress, overwrite=True).roles.module
             model = models[(v.reuse or v.name, ts)]
             m = evaluate_student(model, prompts, ev, [100 * ts + g for g in range(gen_seeds)], v.eval_steps,
                                  per_seed=True)

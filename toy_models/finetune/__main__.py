@@ -7,7 +7,11 @@
     python -m toy_models.finetune preflight --data path/to/folder   # does the teacher beat the student?
 
 ``train`` takes every field of :class:`toy_models.finetune.config.FinetuneConfig` as a flag
-(``--help`` lists them) on top of an optional ``--config`` JSON file.
+(``--help`` lists them) on top of an optional ``--config`` JSON file. It refuses a folder that
+already holds a run unless ``--resume`` (continue; a new ``--lr``/``--weight_decay`` is applied
+to the optimizer, other changes of the run's definition are refused) or ``--overwrite``.
+Ctrl-C stops after the current step and saves a checkpoint (exit status 130).
+Errors are one-line messages (exit status 2), not tracebacks.
 """
 
 from __future__ import annotations
@@ -34,11 +38,9 @@ def _train(args: argparse.Namespace) -> int:
         from toy_models.finetune.preflight import run_preflight_cli
 
         run_preflight_cli(cfg, args, prefix="preflight_")
-    try:
-        result = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = run_finetune(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if result.interrupted:
+        return 130
     last = result.log[-1] if result.log else {}
     print(f"trained {cfg.method} for {cfg.steps} steps in {result.seconds:.1f}s; final loss {last.get('loss', float('nan')):.5f}")
     print(f"run folder: {result.out}  (final student: {result.out / 'final'})")
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="fine-tune with D-OPSD or a baseline")
     add_config_flags(t)
-    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--no-progress", action="store_true")
     from toy_models.finetune import preflight as pf
 
@@ -101,9 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return {"train": _train, "sample": _sample, "eval": _eval, "preflight": pf.main}[args.cmd](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only folder, permissions
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted: the newest complete checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,9 +16,30 @@ from typing import Any, get_type_hints
 
 from toy_models.finetune.adapters import SCOPES
 
-__all__ = ["FinetuneConfig", "METHODS", "load_config", "add_config_flags", "config_from_args"]
+__all__ = ["FinetuneConfig", "METHODS", "RESUMABLE_CHANGES", "load_config", "add_config_flags", "config_from_args",
+           "resume_changes"]
 
 METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher")
+# Fields a resumed run may change. lr and weight_decay are written into the optimizer's param
+# groups; the others only steer the loop (how far, how often to save/evaluate, where). Every
+# other field (method, data, seeds, batch, adapter shape, objective) would make the resumed run
+# a different run than the one in its checkpoint.
+RESUMABLE_CHANGES = ("steps", "lr", "weight_decay", "max_grad_norm", "ckpt_every", "eval_every", "eval_seeds",
+                     "device", "out")
+
+
+def _valid_device(name: str) -> bool:
+    if name == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
 
 
 @dataclass(frozen=True)
@@ -54,11 +75,15 @@ class FinetuneConfig:
             pixels. 1 (default) for shapes; 2 for the held-out stripes, whose pattern is
             anchored to the pixel grid (an odd shift puts it out of phase and the teacher
             stops drawing it; the style suite uses 2).
-        seed: training seed; device: "auto", "cpu", "cuda", ...
+        seed: training seed; device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         ckpt_every: checkpoint period in steps (0: only at the end).
         eval_every: evaluation period in steps for the curves (0: never).
         eval_seeds: generation seeds per evaluation prompt.
-        out: run folder.
+        out: run folder (non-empty).
+
+    On ``--resume`` only the fields in :data:`RESUMABLE_CHANGES` may differ from the
+    checkpoint's config; a new ``lr``/``weight_decay`` is applied to the optimizer's param
+    groups (its moments are kept). Any other change is refused, naming the field.
     """
 
     method: str = "dopsd"
@@ -109,6 +134,12 @@ class FinetuneConfig:
             "lr": (self.lr > 0, "> 0"),
             "num_targets": (self.num_targets >= 1, ">= 1"),
             "lora_rank": (self.lora_rank >= 1, ">= 1"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "max_grad_norm": (self.max_grad_norm > 0, "> 0"),
+            "ckpt_every": (self.ckpt_every >= 0, ">= 0"),
+            "eval_every": (self.eval_every >= 0, ">= 0"),
+            "out": (bool(self.out.strip()), "a non-empty folder path"),
+            "device": (_valid_device(self.device), "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1', 'mps'"),
         }
         for name, (ok, want) in checks.items():
             if not ok:
@@ -119,6 +150,31 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resume_changes(saved: dict[str, Any], new: FinetuneConfig, step: int) -> dict[str, tuple[Any, Any]]:
+    """The fields that differ between a checkpoint's config and ``new``: ``{field: (old, new)}``.
+
+    Args:
+        saved: the config stored in the checkpoint (``FinetuneConfig.to_dict()``).
+        new: the config of the resumed run.
+        step: the checkpoint's step.
+
+    Raises:
+        ValueError: a changed field outside :data:`RESUMABLE_CHANGES` (each named, with its
+            old and new value), or ``steps`` below the checkpoint's step.
+    """
+    now = new.to_dict()
+    defaults = FinetuneConfig().to_dict()
+    changed = {k: (saved.get(k, defaults[k]), v) for k, v in now.items() if saved.get(k, defaults[k]) != v}
+    refused = [f"{k}: {old!r} -> {v!r}" for k, (old, v) in changed.items() if k not in RESUMABLE_CHANGES]
+    if refused:
+        raise ValueError("cannot resume with a changed " + "; ".join(refused) + " (the checkpoint was trained with the "
+                         f"old value; resume may change only {', '.join(RESUMABLE_CHANGES)}; start a new run with "
+                         "another --out, or --overwrite this one)")
+    if new.steps < step:
+        raise ValueError(f"config field 'steps' is {new.steps} but the checkpoint is already at step {step}")
+    return changed
 
 
 def _coerce(name: str, typ: type, value: Any) -> Any:

@@ -19,12 +19,16 @@ BUILTIN = {"concept:ell": "ell", "style:hstripe": "hstripe", "domain:pastel": "p
 
 @dataclass
 class TargetSet:
-    """N target images [N, 3, 16, 16] in [−1, 1] with their captions (and specs if built in)."""
+    """N target images [N, 3, 16, 16] in [−1, 1] with their captions (and specs if built in).
+
+    ``sources`` locates each pair for error messages (``captions.jsonl:LINE`` for a folder).
+    """
 
     images: Tensor
     captions: list[str]
     specs: list[D.Spec] | None = None
     name: str = ""
+    sources: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -57,4 +61,4 @@ def load_targets(source: str, n: int = 12, seed: int = 0) -> TargetSet:
     from toy_models.folder import load_pair_folder
 
     pairs = load_pair_folder(path)
-    return TargetSet(pairs.images, list(pairs.captions), None, str(path))
+    return TargetSet(pairs.images, list(pairs.captions), None, str(path), [f"{path / s}" for s in pairs.sources])
