@@ -71,6 +71,8 @@ __all__ = [
     "checkpoint_name",
     "rng_state",
     "set_rng_state",
+    "pack_rng",
+    "unpack_rng",
 ]
 
 LATEST = "latest"
@@ -183,6 +185,22 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
         pid, k = key.split("/", 1)
         state.setdefault(int(pid), {})[k] = v
     return {"state": state, "param_groups": meta.get("param_groups", [])}
+
+
+def pack_rng(rng: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split a :func:`rng_state` snapshot into tensors (``rng/...``, for safetensors) and JSON values."""
+    return _split_rng(rng)
+
+
+def unpack_rng(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`pack_rng` (``tensors`` keys with or without the ``rng/`` prefix)."""
+    t = {k.split("/", 1)[1] if k.startswith("rng/") else k: v for k, v in tensors.items()}
+    rng: dict[str, Any] = dict(plain)
+    cuda = [t.pop(f"cuda/{i}") for i in range(sum(k.startswith("cuda/") for k in t))]
+    rng.update(t)
+    if cuda:
+        rng["cuda"] = cuda
+    return rng
 
 
 def _split_rng(rng: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -571,11 +589,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> TrainState:
             groups["optim"][k] = v
         else:
             groups[prefix][rest] = v
-    rng: dict[str, Any] = dict(meta.get("rng", {}))
-    cuda = [groups["rng"].pop(f"cuda/{i}") for i in range(sum(k.startswith("cuda/") for k in groups["rng"]))]
-    rng.update(groups["rng"])
-    if cuda:
-        rng["cuda"] = cuda
+    rng = unpack_rng(groups["rng"], meta.get("rng", {}))
     return TrainState(
         step=int(meta["step"]),
         student=groups["student"],

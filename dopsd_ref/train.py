@@ -71,11 +71,16 @@ class StepConfig:
 
 @dataclass
 class MicroBatch:
-    """One D-OPSD micro-batch: the start noise and the two roles' contexts."""
+    """One D-OPSD micro-batch: the start noise, the two roles' contexts and optionally its own grid.
+
+    ``sigmas`` overrides the step's grid for this micro-batch (same length K): FLUX.2's σ
+    shift depends on the image's token count, so micro-batches of different buckets differ.
+    """
 
     noise: Tensor  # [B, ...] the state at σ = 1
     student_context: Any  # text only, exactly what inference sees
     teacher_context: Any  # text + target image
+    sigmas: Tensor | None = None  # [K] this micro-batch's roll-out grid (None: the step's)
 
 
 @dataclass
@@ -274,12 +279,16 @@ def dopsd_train_step(
     scale = 1.0 / len(micro_batches)
     losses, per_steps, final = [], [], None
     trace = _GradTrace(params) if per_step else None
-    sig_values = sigmas.tolist() if trace is not None else []
+    grids = [sigmas if mb.sigmas is None else mb.sigmas for mb in micro_batches]
+    if len({int(g.numel()) for g in grids}) != 1:
+        raise ValueError(f"micro-batch grids differ in length {[int(g.numel()) for g in grids]}: one K per step")
     try:
         for m, mb in enumerate(micro_batches):
+            sig_values = grids[m].tolist() if trace is not None else []
             calls = iter(range(len(sig_values)))
 
-            def student_fn(x: Tensor, s: Tensor, mb: MicroBatch = mb, m: int = m) -> Tensor:
+            def student_fn(x: Tensor, s: Tensor, mb: MicroBatch = mb, m: int = m, calls=calls,
+                           sig_values=sig_values) -> Tensor:
                 if trace is not None:
                     k = next(calls, None)
                     trace.mark(None if k is None else f"micro-batch {m}, roll-out step {k} (sigma={sig_values[k]:.6g})")
@@ -290,7 +299,7 @@ def dopsd_train_step(
                     student_fn,
                     lambda x, s, mb=mb: teacher(x, s, mb.teacher_context),
                     mb.noise,
-                    sigmas,
+                    grids[m],
                     space=config.space,
                     per_step_backward=per_step,
                     grad_scale=scale,

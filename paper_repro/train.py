@@ -16,43 +16,60 @@ One optimizer step (per process; gradients are averaged across processes)::
               (backward per roll-out step, or once: train.grad_strategy)
     clip ||∇|| to max_grad_norm; AdamW step; teacher <- d·teacher + (1 − d)·student
 
-The roll-out and the loss are ``dopsd_ref.dopsd_rollout_loss`` unchanged; this file only
-binds contexts, drives accelerate, and does I/O. Checkpoints (student + teacher weights,
-optimizer, per-rank RNG, step) are written to a temporary folder and renamed, so a crash never
-leaves a half checkpoint; data order and noise are pure functions of (seed, step, rank), so a
-resumed run continues bit-for-bit.
+The step is ``dopsd_ref.dopsd_train_step`` unchanged, with accelerate plugged in through its
+hooks (``accelerator.clip_grad_norm_``; ``accelerator.backward`` for the single backward); this
+file only binds contexts, drives accelerate, and does I/O.
+
+Checkpoints are ``accelerator.save_state`` folders sealed by :mod:`dopsd_ref.checkpoint`:
+written into ``checkpoints/.step_N.tmp``, fsynced, listed with sha256 in a manifest written
+last, renamed into place, then ``latest``; a resume takes the newest complete one (a kill at
+any point, a truncated or corrupted file only makes it fall back to the previous checkpoint).
+Save/load hooks put the student and teacher tensors in safetensors files (LoRA: both adapters
+in ``adapters.safetensors``, not the frozen base; full mode: accelerate's ``model.safetensors``
+plus ``teacher.safetensors``) and each rank's RNG in safetensors + JSON. accelerate itself
+pickles the optimizer state (``optimizer.bin``) and its own RNG copy (``random_states_R.pkl``);
+it loads both with ``torch.load(weights_only=True)``, so no code is executed on load. Data
+order and noise are pure functions of (seed, step, rank), so a resumed run continues
+bit-for-bit. A resume may change only ``config.RESUMABLE_FIELDS``; a new lr / weight decay /
+clip norm is applied to the optimizer and printed. Ctrl-C stops after the current step and
+saves a checkpoint. Errors are one-line messages (``python -m paper_repro.train``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
 import os
-import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dopsd_ref import dopsd_rollout_loss, ema_update_
+from dopsd_ref import MicroBatch, NonFiniteLossError, StepConfig, dopsd_train_step, ema_update_
+from dopsd_ref.checkpoint import (CheckpointError, begin_checkpoint, checkpoint_name, clean_stale, commit_checkpoint,
+                                  find_checkpoint, pack_rng, rng_state, set_rng_state, unpack_rng, verify_checkpoint)
 from dopsd_ref.lora import STUDENT, TEACHER, add_student_teacher_lora, lora_ema_update_, lora_parameters, use_adapter
 from dopsd_ref.sampling import euler_sample
 
 from .adapters import Flux2Velocity, ZImageVelocity, flux2_packed_to_pipeline_latents
 from .cache import BatchContexts, collate, context_source, encode_sample, load_run_components
 from .components import Components
-from .config import RunConfig, load_config
+from .config import RunConfig, config_dict, load_config, resume_changes
 from .data import BucketBatchPlan, FolderDataset
 from .grids import training_grid
 from .lora import LoraSpec, intended_modules, make_lora_config, missing_lora, resolve_targets, save_lora_for_pipeline
 
-__all__ = ["DOPSDTrainer", "main"]
+__all__ = ["DOPSDTrainer", "main", "cli"]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -83,6 +100,11 @@ class DOPSDTrainer:
             raise ValueError("DeepSpeed runs its own backward/step: set train.grad_strategy=single and "
                              "train.grad_accum=1 (scale the global batch with processes x batch_size)")
         self._sharded = self.is_deepspeed or self.acc.distributed_type == DistributedType.FSDP
+        if t.grad_strategy == "per_step" and (getattr(self.acc, "scaler", None) is not None
+                                              or getattr(self.acc, "gradient_accumulation_steps", 1) != 1):
+            raise ValueError("train.grad_strategy=per_step calls backward inside the roll-out, which bypasses a "
+                             "gradient scaler and accelerate-side accumulation: use train.grad_strategy=single "
+                             "(or an Accelerator without them; accumulate with train.grad_accum)")
         if t.mode == "full" and self.acc.distributed_type == DistributedType.FSDP:
             raise ValueError("train.mode=full keeps an unsharded EMA copy of the transformer, which does not match "
                              "FSDP's sharded student: use DDP or DeepSpeed ZeRO-2 for full fine-tuning")
@@ -123,6 +145,8 @@ class DOPSDTrainer:
         opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.model, self.optimizer = self.acc.prepare(tr, opt)
         self.unwrapped = self.acc.unwrap_model(self.model)
+        self.acc.register_save_state_pre_hook(self._save_state_hook)
+        self.acc.register_load_state_pre_hook(self._load_state_hook)
         ema_tensors = (list(lora_parameters(self.unwrapped, TEACHER).values()) if self.teacher_module is None
                        else list(self.teacher_module.parameters()))
         low = {str(p.dtype) for p in ema_tensors if p.dtype != torch.float32}
@@ -143,6 +167,7 @@ class DOPSDTrainer:
         self.contexts = context_source(cfg, self.comps, self.dataset, self.device)
         self.plan = BucketBatchPlan(self.dataset, t.batch_size, self.acc.num_processes, t.seed)
         self.step = 0
+        self.interrupted = False  # set when Ctrl-C stopped run() after a checkpoint
         self.log_path = self.out / "log.jsonl"
 
     # ------------------------------------------------------------------ contexts & models
@@ -213,31 +238,36 @@ class DOPSDTrainer:
             te = [p for p in self.teacher_module.parameters()]
             ema_update_(te, s, d)
 
-    def train_step(self) -> dict:
-        """One optimizer step at ``self.step``; returns the logged metrics and advances the step."""
+    def step_config(self) -> StepConfig:
+        """The core step's settings from ``train.*`` (bf16 autocast as ``accelerator.autocast`` sets it)."""
         t = self.cfg.train
-        per_step_bw = t.grad_strategy == "per_step"
-        losses, per_steps = [], []
-        for micro in range(t.grad_accum):
-            noise, sigmas, student, teacher = self.micro_batch(self.step, micro)
-            with self.acc.autocast():
-                out = dopsd_rollout_loss(student, teacher, noise, sigmas, space=t.space,
-                                         per_step_backward=per_step_bw, grad_scale=1.0 / t.grad_accum)
-            if not per_step_bw:
-                self.acc.backward(out.loss / t.grad_accum)
-            losses.append(out.loss.detach().float())
-            per_steps.append(out.per_step.float())
-        grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
-        gn = float(grad_norm) if grad_norm is not None else float("nan")
-        if grad_norm is not None and not np.isfinite(gn):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"gradient norm is {gn} at optimizer step {self.step}")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema_update()
+        return StepConfig(space=t.space, grad_strategy=t.grad_strategy, max_grad_norm=t.max_grad_norm,  # type: ignore[arg-type]
+                          autocast_dtype=torch.bfloat16 if t.mixed_precision == "bf16" else None)
+
+    def train_step(self) -> dict:
+        """One optimizer step at ``self.step`` through ``dopsd_ref.dopsd_train_step``; returns the metrics.
+
+        Each micro-batch carries its own σ grid (FLUX.2's depends on the bucket's token count).
+
+        Raises:
+            NonFiniteLossError: NaN/inf loss or gradient (names the step and, with per-step
+                backward, the roll-out step and σ); nothing is applied, no gradient is kept.
+        """
+        t = self.cfg.train
+        micro = []
+        for m in range(t.grad_accum):
+            noise, sigmas, student, teacher = self.micro_batch(self.step, m)
+            micro.append(MicroBatch(noise, student, teacher, sigmas=sigmas))
+        res = dopsd_train_step(
+            lambda x, s, velocity: velocity(x, s),  # contexts are the bound velocity functions
+            lambda x, s, velocity: velocity(x, s),
+            micro, micro[0].sigmas, self.optimizer, self.params, self.step_config(),
+            after_step=self.ema_update, step=self.step + 1,
+            backward=self.acc.backward if t.grad_strategy == "single" else None,
+            clip_grad_norm=self.acc.clip_grad_norm_,
+        )
         self.step += 1
-        metrics = {"step": self.step, "loss": float(torch.stack(losses).mean()), "grad_norm": gn,
-                   "per_step": torch.stack(per_steps).mean(0).tolist()}
+        metrics = {"step": self.step, "loss": res.loss, "grad_norm": res.grad_norm, "per_step": res.per_step.tolist()}
         if self.teacher_module is None:
             metrics["teacher_frac"] = self.teacher_fraction()
         return metrics
@@ -256,6 +286,10 @@ class DOPSDTrainer:
         return (num / den) ** 0.5 if den > 0 else 0.0
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
     def _trainable_state(self) -> dict[str, dict[str, Tensor]]:
         if self.teacher_module is None:
             return {
@@ -265,80 +299,169 @@ class DOPSDTrainer:
         return {"student": {k: v.detach().cpu().clone() for k, v in self.unwrapped.state_dict().items()},
                 "teacher": {k: v.detach().cpu().clone() for k, v in self.teacher_module.state_dict().items()}}
 
-    def save_checkpoint(self) -> Path:
-        """Atomic checkpoint ``checkpoints/step-XXXXXXX`` (tmp folder + rename, then ``latest``)."""
-        ckdir = self.out / "checkpoints"
-        final = ckdir / f"step-{self.step:07d}"
-        tmp = ckdir / f".tmp-step-{self.step:07d}"
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        rng = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-               "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, tmp / f"rng-rank{self.acc.process_index}.pt")
+    def _save_state_hook(self, models: list, weights: list, output_dir: str) -> None:
+        """``accelerator.save_state`` pre-hook: our tensors as safetensors, never pickled.
+
+        LoRA (not sharded): both adapters to ``adapters.safetensors`` and the model's full state
+        dict dropped from ``weights`` (the frozen base is not a checkpoint's business). Full
+        mode: accelerate writes the student (``model.safetensors``), we add the EMA teacher.
+        Sharded (FSDP/DeepSpeed): the engine saves the model, LoRA included. Every rank adds
+        its RNG state (``rng-rank{r}.safetensors`` + ``.json``).
+        """
+        from safetensors.torch import save_file
+
+        out = Path(output_dir)
+        rank = self.acc.process_index
+        tensors, plain = pack_rng(rng_state())
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rng-rank{rank}.safetensors"))
+        (out / f"rng-rank{rank}.json").write_text(json.dumps(plain))
         if self._sharded:
-            self.acc.save_state(str(tmp / "accelerate_state"))  # sharded model (incl. teacher LoRA) + optimizer
+            return
+        if self.teacher_module is None:
+            weights.clear()
+            if self.acc.is_main_process:
+                state = self._trainable_state()
+                flat = {f"{role}/{k}": v.contiguous() for role in ("student", "teacher") for k, v in state[role].items()}
+                save_file(flat, str(out / "adapters.safetensors"))
+        elif self.acc.is_main_process:
+            teacher = {k: v.detach().cpu().contiguous() for k, v in self.teacher_module.state_dict().items()}
+            save_file(teacher, str(out / "teacher.safetensors"))
+
+    def _load_state_hook(self, models: list, input_dir: str) -> None:
+        """``accelerator.load_state`` pre-hook, the inverse of :meth:`_save_state_hook`."""
+        from safetensors.torch import load_file
+
+        inp = Path(input_dir)
+        if self._sharded:
+            return
+        with torch.no_grad():
+            if self.teacher_module is None:
+                models.clear()  # accelerate must not look for a full model.safetensors
+                flat = load_file(str(inp / "adapters.safetensors"))
+                for role, adapter in (("student", STUDENT), ("teacher", TEACHER)):
+                    params = lora_parameters(self.unwrapped, adapter)
+                    saved = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(role + "/")}
+                    if saved.keys() != params.keys():
+                        raise CheckpointError(f"{inp / 'adapters.safetensors'}: {role} LoRA tensors do not match this "
+                                              f"run's adapters ({len(saved)} saved, {len(params)} here)")
+                    for k, v in saved.items():
+                        if v.shape != params[k].shape:
+                            raise CheckpointError(f"{inp / 'adapters.safetensors'}: {role}/{k} has shape "
+                                                  f"{tuple(v.shape)}, this run's is {tuple(params[k].shape)}")
+                        params[k].copy_(v)
+            else:
+                self.teacher_module.load_state_dict(load_file(str(inp / "teacher.safetensors")))
+
+    def save_checkpoint(self) -> Path:
+        """Crash-safe checkpoint ``checkpoints/step_XXXXXXXX`` of the current step (all ranks call it)."""
+        root = self.checkpoint_root
+        tmp = root / f".{checkpoint_name(self.step)}.tmp"
         if self.acc.is_main_process:
-            torch.save(self._trainable_state(), tmp / "trainable.pt")
-            if not self._sharded:
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": self.acc.num_processes}))
+            begin_checkpoint(root, self.step)  # cleans what earlier kills left, creates tmp
         self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()
+        final = root / checkpoint_name(self.step)
         if self.acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            latest_tmp = ckdir / ".latest.tmp"
-            latest_tmp.write_text(final.name)
-            os.replace(latest_tmp, ckdir / "latest")
-            kept = sorted(p for p in ckdir.glob("step-*") if p.is_dir())
-            for old in kept[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            state = {"step": self.step, "num_processes": self.acc.num_processes, "config": config_dict(self.cfg)}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            commit_checkpoint(root, tmp, self.step, keep=self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final
 
+    def find_resumable(self) -> Path | None:
+        """The newest complete checkpoint (notes printed by the main process), or None.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is complete (never a silent restart).
+        """
+        if self.acc.is_main_process:
+            for note in clean_stale(self.checkpoint_root):
+                self.acc.print(f"checkpoint: {note}")
+        self.acc.wait_for_everyone()
+        found = find_checkpoint(self.checkpoint_root)
+        for note in found.notes:
+            self.acc.print(f"checkpoint: {note}")
+        return found.path
+
     def load_checkpoint(self, path: str | Path | None = None) -> bool:
-        """Resume from ``path`` or ``checkpoints/latest``; returns False if there is none."""
-        ckdir = self.out / "checkpoints"
+        """Resume from ``path`` or the newest complete checkpoint; returns False if there is none.
+
+        Raises:
+            CheckpointError: a corrupt or incomplete checkpoint (names the file).
+            ValueError: another number of processes, or a config change a resume may not make
+                (names the field, see ``config.RESUMABLE_FIELDS``).
+        """
         if path is None:
-            latest = ckdir / "latest"
-            if not latest.exists():
+            found = self.find_resumable()
+            if found is None:
                 return False
-            path = ckdir / latest.read_text().strip()
-        path = Path(path)
-        state = json.loads((path / "state.json").read_text())
-        if state["num_processes"] != self.acc.num_processes:
-            raise ValueError(f"checkpoint {path} was written with {state['num_processes']} processes, "
+            path = found
+        else:
+            path = Path(path)
+            verify_checkpoint(path)
+        try:
+            state = json.loads((path / "state.json").read_text())
+            saved_step, saved_procs = int(state["step"]), int(state["num_processes"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+        if saved_procs != self.acc.num_processes:
+            raise ValueError(f"checkpoint {path} was written with {saved_procs} processes, "
                              f"this run has {self.acc.num_processes}: data order would differ")
-        sharded_state = (path / "accelerate_state").exists()
-        if sharded_state:
-            self.acc.load_state(str(path / "accelerate_state"))
-        train = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            if sharded_state and self.teacher_module is None:
-                pass  # student and teacher LoRA are model parameters: restored by load_state
-            elif self.teacher_module is None:
-                for adapter in (STUDENT, TEACHER):
-                    params = lora_parameters(self.unwrapped, adapter)
-                    for k, v in train[adapter if adapter == STUDENT else "teacher"].items():
-                        params[k].copy_(v)
-            else:
-                self.unwrapped.load_state_dict(train["student"])
-                self.teacher_module.load_state_dict(train["teacher"])
-        if (path / "optimizer.pt").exists():
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        rng = torch.load(path / f"rng-rank{self.acc.process_index}.pt", weights_only=True)  # no pickle execution
-        py = rng["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        name, keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step = int(state["step"])
+        changed = resume_changes(state.get("config", {}), self.cfg, saved_step)
+        self.acc.load_state(str(path))
+        rank = self.acc.process_index
+        from safetensors.torch import load_file
+
+        rng_file = path / f"rng-rank{rank}.safetensors"
+        if not rng_file.exists():
+            raise CheckpointError(f"{rng_file} is missing: the checkpoint has no RNG state for rank {rank}")
+        set_rng_state(unpack_rng(load_file(str(rng_file)), json.loads((path / f"rng-rank{rank}.json").read_text())))
+        t = self.cfg.train
+        for g in self.optimizer.param_groups:  # the new values win; AdamW's moments are kept
+            g["lr"], g["weight_decay"] = t.lr, t.weight_decay
+        applied = {k: v for k, v in changed.items() if k in ("train.lr", "train.weight_decay", "train.max_grad_norm")}
+        if applied:
+            self.acc.print("resume: applied " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in applied.items()))
+        self.step = saved_step
         return True
+
+    def prepare_output(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to start over an existing run unless ``overwrite``; ``--overwrite`` removes it first.
+
+        Raises:
+            ValueError: ``output_dir`` holds checkpoints or a log and neither resume nor
+                overwrite is set, or both are.
+        """
+        if resume and overwrite:
+            raise ValueError("--overwrite starts a new run: use it with --no-resume")
+        present = [n for n in ("checkpoints", "log.jsonl", "lora", "lora_teacher", "transformer", "samples")
+                   if (self.out / n).exists()]
+        if resume or not present:
+            return
+        if not overwrite:
+            raise ValueError(f"output_dir={self.out} already holds a run ({', '.join(present)}): resume it (the "
+                             "default, without --no-resume), pass --overwrite to replace it, or choose another output_dir")
+        if self.acc.is_main_process:
+            for n in present:
+                trash = self.out / f".{n}.overwritten"
+                if trash.exists():
+                    shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+                os.replace(self.out / n, trash)
+                shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+            self.acc.print(f"overwrite: removed the previous run in {self.out} ({', '.join(present)})")
+        self.acc.wait_for_everyone()
+
+    def _trim_log(self) -> None:
+        """Drop log rows written after the checkpoint a run resumes from (they are re-run)."""
+        if not self.acc.is_main_process or not self.log_path.exists():
+            return
+        rows = [line for line in self.log_path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
+        if len(keep) != len(rows):
+            tmp = self.log_path.with_name(".log.jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in keep))
+            os.replace(tmp, self.log_path)
 
     # ------------------------------------------------------------------ outputs
     def save_lora(self) -> Path | None:
@@ -403,26 +526,75 @@ class DOPSDTrainer:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def run(self, resume: bool = True) -> None:
-        """Train to ``train.steps`` with periodic logs, sample grids and checkpoints."""
+    def _stop_agreed(self, requested: bool) -> bool:
+        """Whether any rank got Ctrl-C (all ranks must stop at the same step to save together)."""
+        if self.acc.num_processes == 1:
+            return requested
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    def run(self, resume: bool = True, overwrite: bool = False) -> None:
+        """Train to ``train.steps`` with periodic logs, sample grids and checkpoints.
+
+        Args:
+            resume: continue from the newest complete checkpoint in ``output_dir`` (if any).
+            overwrite: with ``resume=False``, replace a run already in ``output_dir``
+                (without it that is an error).
+        """
         t = self.cfg.train
+        self.prepare_output(resume, overwrite)
         if resume and self.load_checkpoint():
             self.acc.print(f"resumed at step {self.step}")
+            self._trim_log()
         if self.acc.is_main_process and self.comps.vlm_report is not None:
             self.acc.print(self.comps.vlm_report.summary())
             self.log({"vlm_matched": len(self.comps.vlm_report.matched), "vlm_total": self.comps.vlm_report.total_target})
         t0 = time.time()
-        while self.step < t.steps:
-            metrics = self.train_step()
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                metrics["sec_per_step"] = (time.time() - t0) / max(1, self.step)
-                self.log(metrics)
-                self.acc.print(json.dumps(metrics))
-            if self.step % t.sample_every == 0:
-                self.sample_grid()
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save_checkpoint()
+        with stop_on_interrupt(self.acc.print) as interrupt:
+            while self.step < t.steps:
+                try:
+                    metrics = self.train_step()
+                except NonFiniteLossError as exc:
+                    found = find_checkpoint(self.checkpoint_root).path if self.checkpoint_root.exists() else None
+                    raise NonFiniteLossError(f"{exc}; training stopped, last good checkpoint: {found}") from exc
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    metrics["sec_per_step"] = (time.time() - t0) / max(1, self.step)
+                    self.log(metrics)
+                    self.acc.print(json.dumps(metrics))
+                if self.step % t.sample_every == 0:
+                    self.sample_grid()
+                if self._stop_agreed(interrupt["stop"]) and self.step < t.steps:
+                    self.save_checkpoint()
+                    self.interrupted = True
+                    self.acc.print(f"interrupted: checkpoint saved at step {self.step}; run again to resume")
+                    return
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save_checkpoint()
         self.save_lora()
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(say: Callable[[str], None]) -> Iterator[dict[str, bool]]:
+    """The first Ctrl-C asks to stop after the current step (a second one aborts at once).
+
+    Outside the main thread Ctrl-C keeps its default behaviour.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> DOPSDTrainer:
@@ -430,7 +602,9 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML/JSON run config (see paper_repro/configs)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
-    ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints/latest in output_dir")
+    ap.add_argument("--no-resume", action="store_true", help="start at step 0 (refused if output_dir holds a run, "
+                    "unless --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="with --no-resume: replace the run in output_dir")
     ap.add_argument("--random-init", action="store_true",
                     help="real-size components from the published configs with random weights (dry run; "
                          "= --set model.random_init=true; model.pretrained picks the configs)")
@@ -447,12 +621,33 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
     trainer = DOPSDTrainer(cfg)
     if args.preflight:
         preflight_from_args(trainer, args, prefix="preflight-")
-    trainer.run(resume=not args.no_resume)
+    trainer.run(resume=not args.no_resume, overwrite=args.overwrite)
     if args.dump_rank_params:
         trainer.out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer._trainable_state(), trainer.out / f"rank{trainer.acc.process_index}_params.pt")
     return trainer
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m paper_repro.train``: :func:`main` with errors as one-line messages.
+
+    Returns 0 on success, 2 for a configuration, data, checkpoint or numerical error (the
+    message names the field, file or step), 130 after Ctrl-C (a checkpoint was saved).
+    """
+    try:
+        trainer = main(argv)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only output_dir, permissions
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted: the newest complete checkpoint is kept; run again to resume", file=sys.stderr)
+        return 130
+    return 130 if getattr(trainer, "interrupted", False) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

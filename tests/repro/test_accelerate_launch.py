@@ -49,8 +49,10 @@ def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logs if "step" in m] == [1, 2, 3]
     ck = out / "checkpoints"
-    assert (ck / "latest").read_text() == "step-0000003"
-    assert {p.name for p in ck.iterdir()} >= {"step-0000002", "step-0000003", "latest"}
-    assert sorted(p.name for p in (ck / "step-0000003").iterdir()) == [
-        "optimizer.pt", "rng-rank0.pt", "rng-rank1.pt", "state.json", "trainable.pt"]
+    assert (ck / "latest").read_text() == "step_00000003\n"
+    assert {p.name for p in ck.iterdir()} == {"step_00000002", "step_00000003", "latest"}
+    # tensors in safetensors; accelerate's optimizer.bin / random_states_R.pkl are loaded weights_only
+    assert sorted(p.name for p in (ck / "step_00000003").iterdir()) == [
+        "adapters.safetensors", "manifest.json", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
+        "rng-rank0.json", "rng-rank0.safetensors", "rng-rank1.json", "rng-rank1.safetensors", "state.json"]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -66,8 +66,9 @@ def test_resume_is_exact(tmp_path):
     b = DOPSDTrainer(tiny_config("zimage", data, tmp_path / "b"))
     b.train_step()
     ck = b.save_checkpoint()
-    assert ck.name == "step-0000001" and (ck.parent / "latest").read_text() == ck.name
-    assert not list(ck.parent.glob(".tmp-*")), "temporary checkpoint folder left behind"
+    assert ck.name == "step_00000001" and (ck.parent / "latest").read_text() == ck.name + "\n"
+    assert not list(ck.parent.glob(".*")), "temporary checkpoint folder left behind"
+    assert not list(ck.glob("*.pt")) and (ck / "adapters.safetensors").exists() and (ck / "manifest.json").exists()
     torch.manual_seed(1234)  # disturb the global RNG: the resume must restore it
     c = DOPSDTrainer(tiny_config("zimage", data, tmp_path / "b"))
     assert c.load_checkpoint() and c.step == 1
