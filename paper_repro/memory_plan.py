@@ -140,15 +140,16 @@ def bytes_per_block_token_dim(checkpointing: bool, latent: int = 16) -> float:
 
 
 def real_param_counts() -> dict[str, int]:
-    """Parameters of the real Z-Image transformer (diffusers defaults = Z-Image 6B) and its
-    rank-64 LoRA on the intended targets, counted on the meta device."""
+    """Parameters of the real Z-Image transformer (its published config, ``configs/published``)
+    and its rank-64 LoRA on the intended targets, counted on the meta device."""
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
 
+    from .components import published_config
     from .lora import ZIMAGE_TARGETS, intended_modules
 
     with init_empty_weights():
-        tr = ZImageTransformer2DModel()
+        tr = ZImageTransformer2DModel.from_config(published_config("zimage_turbo_transformer"))
     total = sum(p.numel() for p in tr.parameters())
     mods = dict(tr.named_modules())
     lora = sum(64 * (mods[n].in_features + mods[n].out_features) for n in intended_modules(tr, ZIMAGE_TARGETS))
@@ -163,19 +164,28 @@ class PlanRow:
     total_gb: float
 
 
-def plan(resolution: int = 1024, num_steps: int = 4, batch: int = 1, caption_tokens: int = 512) -> list[PlanRow]:
-    """Per-GPU memory estimate for Z-Image-Turbo LoRA D-OPSD (bf16 weights and activations)."""
+# Frozen encoders of a live Z-Image-Turbo run: Qwen3-4B text encoder, Qwen3-VL-4B teacher encoder, VAE.
+ZIMAGE_ENCODER_PARAMS = 4.02e9 + 4.44e9 + 0.084e9
+
+
+def plan(resolution: int = 1024, num_steps: int = 4, batch: int = 1, caption_tokens: int = 512,
+         encoders: bool = True) -> list[PlanRow]:
+    """Per-GPU memory estimate for Z-Image-Turbo LoRA D-OPSD (bf16 weights and activations).
+
+    ``encoders=False``: a cached run (``paper_repro.cache``), whose GPU holds no encoder.
+    """
     counts = real_param_counts()
     tokens = (resolution // 16) ** 2 + caption_tokens
-    frozen_gb = (counts["zimage_transformer"] + 4.02e9 + 4.44e9 + 0.084e9) * 2 / 1e9  # DiT + Qwen3-4B + Qwen3-VL-4B + VAE
+    frozen_gb = (counts["zimage_transformer"] + (ZIMAGE_ENCODER_PARAMS if encoders else 0)) * 2 / 1e9
     lora_gb = 2 * counts["zimage_lora_r64"] * 4 / 1e9 + counts["zimage_lora_r64"] * 12 / 1e9  # 2 adapters + grad + Adam
     rows = []
     for ckpt in (True, False):
         per_fwd = bytes_per_block_token_dim(ckpt) * counts["blocks"] * tokens * counts["dim"] * 2 * batch / 1e9
         for strat, mult in (("per_step", 1), ("single", num_steps)):
             act = per_fwd * mult
-            rows.append(PlanRow(f"ckpt={'on' if ckpt else 'off'}, {strat} backward, K={num_steps}, batch={batch}, "
-                                f"{resolution}px", act, frozen_gb + lora_gb + act))
+            rows.append(PlanRow(f"{'live' if encoders else 'cached'} encoders, ckpt={'on' if ckpt else 'off'}, "
+                                f"{strat} backward, K={num_steps}, batch={batch}, {resolution}px",
+                                act, frozen_gb + lora_gb + act))
     return rows
 
 
@@ -190,8 +200,9 @@ def main() -> None:
     print(f"bytes per block*token*dim (float32 units): ckpt on {bytes_per_block_token_dim(True):.2f}, "
           f"off {bytes_per_block_token_dim(False):.2f}")
     print("\n| setting | activations (GB) | total per GPU (GB) |\n|---|---|---|")
-    for r in plan():
-        print(f"| {r.setting} | {r.activations_gb:.1f} | {r.total_gb:.1f} |")
+    for enc in (True, False):
+        for r in plan(encoders=enc):
+            print(f"| {r.setting} | {r.activations_gb:.1f} | {r.total_gb:.1f} |")
 
 
 if __name__ == "__main__":
