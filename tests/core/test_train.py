@@ -215,3 +215,22 @@ def test_backward_and_clip_hooks_replace_the_defaults():
     with pytest.raises(ValueError, match="backward hook needs grad_strategy='single'"):
         dopsd_train_step(model, teacher.module, mbs, dopsd_ref.uniform_sigmas(4), opt, model.parameters(),
                          StepConfig(grad_strategy="per_step"), backward=backward)
+
+
+def test_micro_batch_grid_overrides_the_step_grid():
+    """A micro-batch's own σ grid (FLUX.2: it depends on the image size) is the one its roll-out
+    uses: the update equals that of a step whose grid is that grid; grids of different
+    lengths in one step are refused."""
+    grid = torch.tensor([1.0, 0.7, 0.2], dtype=torch.float64)
+    mb = _batch(0)
+    a, _, ra = _step("per_step", [MicroBatch(mb.noise, mb.student_context, mb.teacher_context, sigmas=grid)])
+    model = CtxField()
+    teacher = make_teacher(model, "ema", 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rb = dopsd_train_step(model, teacher.module, [mb], grid, opt, model.parameters(),
+                          StepConfig(max_grad_norm=None), after_step=lambda: teacher.update(model))
+    assert ra.per_step.shape == (3,) and torch.equal(ra.per_step, rb.per_step)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), model.parameters()))
+    short = MicroBatch(mb.noise, mb.student_context, mb.teacher_context, sigmas=grid[:2])
+    with pytest.raises(ValueError, match="grids differ in length"):
+        dopsd_train_step(model, model, [mb, short], grid, opt, model.parameters())

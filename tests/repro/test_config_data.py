@@ -82,3 +82,93 @@ def test_buckets_and_folder_dataset(tmp_path):
     (root / "img1.txt").unlink()
     with pytest.raises(FileNotFoundError, match="img1.txt"):
         FolderDataset(root, resolution=16, multiple=4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "train.steps=abc: must be an integer"),
+    ("train.lr=fast", "train.lr=fast: must be a number"),
+    ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing=maybe: must be true or false"),
+    ("train.betas=[0.9]", r"train.betas=\(0.9,\): must be a list of 2 values"),
+    ("lora.rank=0", "lora.rank=0: must be >= 1"),
+    ("train.lr=-1", r"train.lr=-1.0: must be finite and > 0"),
+    ("model.tiny=1", "model.tiny=1: must be true or false"),
+    ("train=5", "train: must be a mapping"),
+])
+def test_every_config_error_names_the_field_and_value(tmp_path, override, message):
+    """A wrong type or range in any section is an error naming `section.field=value` (not a
+    TypeError deep inside torch later); a float field accepts the string YAML makes of 1e-4."""
+    from paper_repro.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {backbone: zimage, tiny: true}\ndata: {root: x}\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(p, [override])
+    assert load_config(p, ["train.lr=1e-4"]).train.lr == 1e-4
+
+
+def test_config_file_errors_are_messages(tmp_path, capsys):
+    """A missing config file, broken YAML and a non-mapping file are errors naming the file;
+    through the CLI they are one-line messages with exit status 2, never tracebacks."""
+    from paper_repro.config import load_config
+    from paper_repro.train import cli
+
+    with pytest.raises(FileNotFoundError, match="absent.yaml does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {backbone: zimage\n")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {backbone: zimage, tiny: true}\ndata: {root: x}\n")
+    assert cli(["--config", str(good), "--set", "train.steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.steps=abc: must be an integer") and "Traceback" not in err
+    assert cli(["--config", str(good)]) == 2
+    assert "data.root=x is not a directory" in capsys.readouterr().err
+
+
+def _png16_grey(path, value):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32), value, dtype=np.uint16)).save(path)
+
+
+def test_bad_images_and_captions_are_refused_or_converted_as_stated(tmp_path):
+    """Folder data: a 16-bit greyscale PNG is scaled to 8 bits (mid-grey stays mid-grey, not
+    the white Pillow's plain conversion gives); transparency is refused naming the file; a
+    non-UTF-8 or empty caption names its file; an image that resolves outside the folder
+    (symlink) is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from paper_repro.data import DataError, FolderDataset
+
+    root = make_folder(tmp_path / "d", sizes=((32, 32), (32, 32)))
+    _png16_grey(root / "img0.png", 128 * 257)
+    ds = FolderDataset(root, resolution=16, multiple=4)
+    img, _ = ds.load(0)
+    assert np.asarray(img).min() == np.asarray(img).max() == 128
+    rgba = Image.new("RGBA", (32, 32), (10, 20, 30, 255))
+    rgba.putpixel((0, 0), (10, 20, 30, 0))
+    rgba.save(root / "img1.png")
+    with pytest.raises(DataError, match=r"img1.png: RGBA image has transparency \(1 of 1024"):
+        FolderDataset(root, resolution=16, multiple=4)
+    Image.new("RGBA", (32, 32), (10, 20, 30, 255)).save(root / "img1.png")  # opaque alpha: dropped
+    assert np.asarray(FolderDataset(root, resolution=16, multiple=4).load(1)[0])[0, 0].tolist() == [10, 20, 30]
+    (root / "img1.txt").write_bytes(b"a photo of \xff sks\n")
+    with pytest.raises(DataError, match=r"img1.txt:1: not valid UTF-8 \(byte 0xff\)"):
+        FolderDataset(root, resolution=16, multiple=4)
+    (root / "img1.txt").write_text("  \n")
+    with pytest.raises(DataError, match="img1.txt is empty"):
+        FolderDataset(root, resolution=16, multiple=4)
+    (root / "img1.txt").write_text("a photo of sks dog")
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (32, 32)).save(outside)
+    (root / "img2.png").symlink_to(outside)
+    (root / "img2.txt").write_text("a photo of sks dog")
+    with pytest.raises(DataError, match="img2.png resolves outside the dataset folder"):
+        FolderDataset(root, resolution=16, multiple=4)
