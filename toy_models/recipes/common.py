@@ -1,4 +1,19 @@
-"""Helpers shared by the recipes: threads, EMA, LR schedule, flow-matching loss, logs."""
+"""Helpers shared by the recipes: threads, EMA, LR schedule, flow-matching loss, logs.
+
+Three helpers here look like parts of ``dopsd_ref`` and are deliberately kept apart, because
+the shipped weights were trained with them and their recipes must reproduce those weights:
+
+- :func:`training_sigmas` draws the same distribution as
+  ``dopsd_ref.losses.sample_training_sigmas(kind="mixed")`` (half logit-normal, half
+  uniform) but in another order of random draws and in float32, so the core's function
+  would give the recipes another random stream;
+- :func:`fm_loss_sum` is ``B ×`` ``dopsd_ref.losses.flow_matching_loss`` up to float
+  rounding (a sum of per-sample means rather than one mean), the form the recipes'
+  sub-batch accumulation needs;
+- :class:`EMA` warms its decay up as ``min(d, (1 + n) / (10 + n))`` after ``n`` updates (so
+  early averages are not dominated by the random initial weights), unlike the fine-tuning
+  teacher ``dopsd_ref.teachers.Teacher``, whose EMA is the method's and has no warm-up.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +48,8 @@ def setup(args: argparse.Namespace) -> None:
 
 
 class EMA:
-    """Exponential moving average of parameters: ``θ̄ ← d·θ̄ + (1 − d)·θ``."""
+    """Exponential moving average of parameters: ``θ̄ ← d_n·θ̄ + (1 − d_n)·θ`` with the
+    warm-up ``d_n = min(d, (1 + n) / (10 + n))`` at the n-th update (see module doc)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
