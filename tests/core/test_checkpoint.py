@@ -108,11 +108,13 @@ def test_keep_and_damaged_checkpoints(tmp_path):
     (tmp_path / "step_00000004" / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="meta.json"):
         load_checkpoint(tmp_path / "step_00000004")
-    with pytest.warns(CheckpointFallbackWarning, match="step_00000004.*meta.json"):
+    with pytest.warns(CheckpointFallbackWarning) as rec:
         assert load_checkpoint(tmp_path).step == 3
+    assert any(re.search("step_00000004.*meta.json", str(w.message)) for w in rec)
     (tmp_path / "latest").write_text("step_00000009\n")
-    with pytest.warns(CheckpointFallbackWarning, match="step_00000009 .missing"):
+    with pytest.warns(CheckpointFallbackWarning) as rec:
         assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert any("step_00000009 (missing)" in str(w.message) for w in rec)
     assert json.loads((tmp_path / "step_00000003" / "meta.json").read_text())["step"] == 3
 
 
@@ -130,8 +132,9 @@ def test_checksum_detects_corrupt_tensor_bytes(tmp_path, damage, match):
     damage(tmp_path / "step_00000002" / "tensors.safetensors")
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(tmp_path / "step_00000002")
-    with pytest.warns(CheckpointFallbackWarning, match=f"skipped.*tensors.safetensors"):
+    with pytest.warns(CheckpointFallbackWarning) as rec:
         st = load_checkpoint(tmp_path)
+    assert any(re.search("skipped.*tensors.safetensors", str(w.message)) for w in rec)
     assert st.step == 1 and torch.equal(st.student["w"], torch.full((2,), 1.0))
 
 
@@ -223,6 +226,7 @@ def test_kill_at_every_filesystem_operation_of_a_save(tmp_path, monkeypatch):
       changes nothing that is found;
     * the next save succeeds and becomes the checkpoint that is found.
     """
+    monkeypatch.setattr(ck.os, "fsync", lambda fd: None)  # durability is not what a simulated kill tests; speed
     kinds = set()
     for name, before, step, keep in SCENARIOS:
         # a clean run first, to count the operations of this save
