@@ -9,6 +9,8 @@
   Laplacian sharpness ratio misses in a flat-colour world.
 - **copy IoU**: IoU of the generated foreground (pixels far from the background colour)
   with the reference shape's coverage mask, for aligned copies of unlabelled glyphs.
+- **feature distance** (the DINO-D analogue): ``1 − cos(f(x̂_i), f(x_i))`` between evaluator
+  features of each generated sample and its own target, averaged over pairs.
 """
 
 from __future__ import annotations
@@ -71,3 +73,27 @@ def copy_iou(x: Tensor, specs: Sequence[D.Spec]) -> float:
     inter = (fg & cov).flatten(1).sum(1).float()
     union = (fg | cov).flatten(1).sum(1).clamp_min(1).float()
     return float((inter / union).mean())
+
+
+def feature_distance(evaluator, fake: Tensor, real: Tensor) -> float:
+    """Mean paired feature distance, the toy analogue of DINO-D (lower: closer to the targets).
+
+    ``D = (1/N)·Σ_i (1 − cos(f(fake_i), f(real_i)))`` with ``f`` the evaluator's mean-pooled
+    penultimate features (the toy-FID space) and ``cos(a, b) = a·b / (|a|·|b|)``; sample i is
+    compared with its own target i (e.g. the sample of a training prompt with that prompt's
+    target image). D is in [0, 2]: 0 for identical features, 1 for orthogonal ones.
+
+    Args:
+        evaluator: anything with ``embed(x [N, 3, H, W]) -> [N, d]``.
+        fake, real: paired images [N, 3, H, W] in [−1, 1], same shape.
+
+    Raises:
+        ValueError: shapes differ, or no pairs.
+    """
+    if fake.shape != real.shape:
+        raise ValueError(f"feature_distance pairs samples with targets: fake {tuple(fake.shape)} != real {tuple(real.shape)}")
+    if fake.shape[0] == 0:
+        raise ValueError("feature_distance needs at least one (sample, target) pair")
+    f1, f2 = evaluator.embed(fake).double(), evaluator.embed(real).double()
+    cos = torch.nn.functional.cosine_similarity(f1, f2, dim=1, eps=1e-12)
+    return float((1.0 - cos).mean())

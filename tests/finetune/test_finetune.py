@@ -131,7 +131,7 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="'steps' must be int"):
         load_config(None, steps="many")
     with pytest.raises(ValueError, match="'method' must be one of"):
-        load_config(None, method="dreambooth")
+        load_config(None, method="telepathy")
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
     with pytest.raises(ValueError, match="bad.json"):

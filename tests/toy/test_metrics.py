@@ -73,3 +73,38 @@ def test_toy_fid_equals_torchmetrics_fid_with_custom_features():
     with torch.no_grad():
         ours = M.frechet_distance(f(fake), f(real))
     assert abs(float(fid.compute()) - ours) < 1e-4 * max(1.0, ours)
+
+
+class _FlatEmbed:
+    """An 'evaluator' whose features are the flattened pixels (for exact expectations)."""
+
+    @staticmethod
+    def embed(x):
+        return x.flatten(1)
+
+
+@FAST
+@given(st.integers(0, 10_000), st.floats(0.1, 10.0))
+def test_feature_distance_identity_scale_and_known_angles(seed, scale):
+    """DINO-D analogue: 0 for a sample equal to its target, unchanged by rescaling a sample's
+    features (cosine), 1 for orthogonal and 2 for opposite features, and each sample is
+    compared with its own target (the pair order matters)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, 2, 2, generator=g)
+    ev = _FlatEmbed()
+    assert abs(M.feature_distance(ev, x, x)) < 1e-12
+    assert abs(M.feature_distance(ev, scale * x, x)) < 1e-12
+    assert abs(M.feature_distance(ev, -x, x) - 2.0) < 1e-12
+    e = torch.zeros(2, 3, 2, 2)
+    e[0, 0, 0, 0], e[1, 0, 0, 1] = 1.0, 1.0
+    assert abs(M.feature_distance(ev, e, e.flip(0)) - 1.0) < 1e-12
+    assert M.feature_distance(ev, x, x.roll(1, 0)) > 0.1
+
+
+def test_feature_distance_rejects_unpaired_inputs():
+    """Samples and targets must pair up one to one."""
+    import pytest
+
+    with pytest.raises(ValueError, match="pairs"):
+        M.feature_distance(_FlatEmbed(), torch.zeros(3, 3, 2, 2), torch.zeros(4, 3, 2, 2))
+

@@ -11,8 +11,12 @@ token* (``sks``/``zwx``), plus a learned offset of the rare token's embedding::
 
 A prompt without the rare token is therefore computed exactly as by the base model, for
 every method alike, so the comparison between objectives is fair and prior prompts are
-untouched by construction. ``scope="cross_attn"`` drops the mask (every text position,
-the non-local variant), ``scope="full"`` trains every parameter (domain experiment).
+untouched by construction. ``scope="prompt_gated"`` adapts self-attention, cross-attention
+and the MLP of every block, switched on per prompt (m = 1 for the whole sample iff its prompt
+has a rare token). ``scope="lora"`` is the paper's setting: the same attention + MLP targets
+with **no gate**, active for every prompt, so prior prompts can change and retention has to be
+measured. ``scope="cross_attn"`` drops the mask on the cross-attention k/v (every text
+position, the non-local variant), ``scope="full"`` trains every parameter (domain experiment).
 
 Student and teacher live side by side in each adapted layer ("student" trainable,
 "teacher" frozen, same initial A, B = 0 and δ = 0, so both start equal to the base); the
@@ -31,9 +35,10 @@ from torch import Tensor, nn
 from dopsd_ref.lora import STUDENT, TEACHER, lora_ema_update_, lora_parameters
 from toy_models.context import ToyContext
 
-Scope = Literal["token_kv", "prompt_gated", "cross_attn"]
-SCOPES: tuple[str, ...] = ("token_kv", "prompt_gated", "cross_attn")
-# Linear layers of a DiT block that the prompt-gated scope adapts (self-attn, cross-attn, MLP).
+Scope = Literal["token_kv", "prompt_gated", "cross_attn", "lora"]
+SCOPES: tuple[str, ...] = ("token_kv", "prompt_gated", "cross_attn", "lora")
+# Linear layers of a DiT block that the prompt-gated and the ungated "lora" scopes adapt
+# (self-attn, cross-attn, MLP).
 GATED_TARGETS: tuple[str, ...] = ("attn.q", "attn.kv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "fc1", "fc2")
 
 __all__ = ["MaskedLoRALinear", "RareTokenEmbedding", "LocalAdapterModel", "add_local_adapters"]
@@ -180,7 +185,9 @@ def add_local_adapters(
         model: a :class:`toy_models.dit.ToyDiT`.
         rare_ids: token ids whose positions the adapters act on (``scope="token_kv"``).
         rank, alpha: LoRA rank r and scale α (the update is (α/r)·B·A).
-        scope: "token_kv" (rare-token positions only) or "cross_attn" (every text position).
+        scope: "token_kv" (rare-token positions only), "cross_attn" (every text position),
+            "prompt_gated" (attention + MLP, only for prompts with a rare token) or "lora"
+            (attention + MLP, ungated: active for every prompt).
         train_embedding: also learn an embedding offset δ for the rare tokens.
     """
     if scope not in SCOPES:
@@ -188,7 +195,7 @@ def add_local_adapters(
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     model.requires_grad_(False)
-    targets = GATED_TARGETS if scope == "prompt_gated" else ("cross.kv",)
+    targets = GATED_TARGETS if scope in ("prompt_gated", "lora") else ("cross.kv",)
     for block in model.blocks:
         for name in targets:
             parent_name, _, attr = name.rpartition(".")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -19,7 +20,7 @@ from toy_models.finetune.adapters import SCOPES
 __all__ = ["FinetuneConfig", "METHODS", "RESUMABLE_CHANGES", "load_config", "add_config_flags", "config_from_args",
            "resume_changes"]
 
-METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher")
+METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher", "dreambooth")
 # Fields a resumed run may change. lr and weight_decay are written into the optimizer's param
 # groups; the others only steer the loop (how far, how often to save/evaluate, where). Every
 # other field (method, data, seeds, batch, adapter shape, objective) would make the resumed run
@@ -40,8 +41,6 @@ def _valid_device(name: str) -> bool:
     return True
 
 
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tuning run of the toy model.
@@ -49,7 +48,9 @@ class FinetuneConfig:
     Attributes:
         method: "dopsd" (on-policy self-distillation), "sft" (flow matching on the targets),
             "offpolicy" (teacher-graded, on noised targets), "sft_teacher" (flow matching on
-            the initial teacher's samples).
+            the initial teacher's samples), "dreambooth" (flow matching on the targets plus
+            ``prior_weight`` times flow matching on prior-preservation pairs: the initial
+            model's own samples of known-concept prompts).
         model: folder of the few-step model to fine-tune, or a shipped name
             ("toy-dit-turbo4", "toy-dit-base").
         data: a built-in target set ("concept:ell", "style:hstripe", "domain:pastel") or a
@@ -80,6 +81,14 @@ class FinetuneConfig:
         eval_every: evaluation period in steps for the curves (0: never).
         eval_seeds: generation seeds per evaluation prompt.
         out: run folder (non-empty).
+        recon_weight: λ of the auxiliary reconstruction (flow-matching) loss on the targets
+            added to the D-OPSD loss (0: off, as the released code; dopsd only).
+        rollout_schedule: a curriculum of roll-out lengths, ``"step:K,step:K,..."`` starting
+            at step 0 (e.g. ``"0:2,100:4"``; read at the 1-based optimizer step); empty: the
+            fixed ``rollout_steps``. It sets the D-OPSD and off-policy grids.
+        prior_weight, prior_images: "dreambooth" only: weight of the prior-preservation loss
+            and how many prior pairs the initial model draws (4-step samples of known-shape
+            prompts, drawn once before training).
 
     On ``--resume`` only the fields in :data:`RESUMABLE_CHANGES` may differ from the
     checkpoint's config; a new ``lr``/``weight_decay`` is applied to the optimizer's param
@@ -115,6 +124,10 @@ class FinetuneConfig:
     eval_every: int = 0
     eval_seeds: int = 3
     out: str = "runs/finetune"
+    recon_weight: float = 0.0
+    rollout_schedule: str = ""
+    prior_weight: float = 1.0
+    prior_images: int = 48
 
     def __post_init__(self) -> None:
         checks = {
@@ -141,9 +154,37 @@ class FinetuneConfig:
             "out": (bool(self.out.strip()), "a non-empty folder path"),
             "device": (_valid_device(self.device), "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1', 'mps'"),
         }
+        checks.update(self._option_checks())
         for name, (ok, want) in checks.items():
             if not ok:
                 raise ValueError(f"config field {name!r} must be {want}, got {getattr(self, name)!r}")
+
+    def _option_checks(self) -> dict[str, tuple[bool, str]]:
+        """Checks of the reconstruction loss, the K curriculum and the prior preservation."""
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        schedule_ok, schedule_want = True, ""
+        if self.rollout_schedule:
+            try:
+                self.k_schedule()
+            except ValueError as exc:
+                schedule_ok, schedule_want = False, f"'step:K,step:K,...' ({exc})"
+            if schedule_ok and self.skip_first_steps:
+                schedule_ok, schedule_want = False, "empty when skip_first_steps > 0 (the skipped steps need a fixed K)"
+        return {
+            "recon_weight": (finite(self.recon_weight) and self.recon_weight >= 0
+                             and (self.recon_weight == 0 or self.method == "dopsd"), "finite, >= 0 (and > 0 only for method 'dopsd')"),
+            "rollout_schedule": (schedule_ok, schedule_want),
+            "prior_weight": (finite(self.prior_weight) and self.prior_weight >= 0, "finite and >= 0"),
+            "prior_images": (self.prior_images >= 1, ">= 1"),
+        }
+
+    def k_schedule(self) -> "KSchedule":
+        """The roll-out schedule of this run: ``rollout_schedule`` or the constant ``rollout_steps``."""
+        from dopsd_ref.curriculum import KSchedule
+
+        if self.rollout_schedule:
+            return KSchedule.parse(self.rollout_schedule)
+        return KSchedule.constant(self.rollout_steps)
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)

@@ -12,7 +12,10 @@ For a target set (e.g. the held-out L glyph under the rare token ``sks``) it mea
 * ``known_palette`` / ``concept_palette`` — palette distance of those samples (blur and
   noise raise it; real renders sit near its floor);
 * ``concept_fid`` — toy-FID of the concept-prompt samples (train + unseen) vs renders of
-  exactly those prompts (built-in sets only).
+  exactly those prompts (built-in sets only);
+* ``concept_dino_d`` — the DINO-D analogue: mean ``1 − cos`` of evaluator features between
+  the sample of each training prompt and that prompt's own target image
+  (:func:`toy_models.metrics.feature_distance`; lower is closer to the targets).
 
 Every number is a mean over ``seeds`` generation seeds; per-seed values are kept so that
 methods can be compared by paired differences.
@@ -35,7 +38,7 @@ from toy_models import vocab as V
 from toy_models.concepts import concept_captions, concept_specs
 from toy_models.context import ToyContext
 from toy_models.finetune.targets import BUILTIN, TargetSet
-from toy_models.metrics import accuracy, palette_distance, toy_fid
+from toy_models.metrics import accuracy, feature_distance, palette_distance, toy_fid
 
 __all__ = ["EvalPrompts", "eval_prompts", "evaluate_student", "load_evaluator", "evaluate_run", "sample_prompts"]
 
@@ -61,6 +64,7 @@ class EvalPrompts:
     concept_reals: Tensor | None  # renders of the train + unseen prompts (None for user folders)
     concept: str  # the evaluator head value that counts as "the concept"
     head: str  # "shape", "style" or "domain"
+    train_images: Tensor | None = None  # [N, 3, 16, 16] the target of each training prompt
 
 
 def eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed: int = 4321) -> EvalPrompts:
@@ -85,7 +89,7 @@ def eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed
     domain = "pastel" if name == "domain:pastel" else "base"
     known_specs = [D.random_spec(np.random.default_rng([seed, 1, i]), domain=domain) for i in range(n_known)]
     return EvalPrompts(list(targets.captions), unseen, [D.caption(s) for s in known_specs],
-                       known_specs, reals, concept, head)
+                       known_specs, reals, concept, head, targets.images)
 
 
 @torch.no_grad()
@@ -120,6 +124,8 @@ def evaluate_student(student: StudentFn, prompts: EvalPrompts, evaluator=None, s
             "concept_palette": palette_distance(torch.cat([tr, un]), domain),
             "concept_fid": (toy_fid(ev, torch.cat([tr, un]), prompts.concept_reals)
                             if prompts.concept_reals is not None else float("nan")),
+            "concept_dino_d": (feature_distance(ev, tr, prompts.train_images)
+                               if prompts.train_images is not None else float("nan")),
         })
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     if per_seed:
