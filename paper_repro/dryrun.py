@@ -121,9 +121,14 @@ def _estimate_gb(backbone: str, row: Row, resolution: int, size: str) -> float |
     return None
 
 
-def _measure(cfg: RunConfig, row: Row, acc, steps: int) -> dict:
+def _measure(cfg: RunConfig, row: Row, steps: int) -> dict:
+    """One row in a fresh ``Accelerator`` (its hooks would otherwise keep earlier rows' trainers alive)."""
+    from accelerate import Accelerator
+
     from .train import DOPSDTrainer
 
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    before = torch.cuda.memory_allocated(acc.device) if acc.device.type == "cuda" else None
     t = replace(cfg.train, grad_strategy=row.grad_strategy, gradient_checkpointing=row.checkpointing)
     trainer = DOPSDTrainer(replace(cfg, train=t), accelerator=acc)
     device = trainer.device
@@ -149,9 +154,10 @@ def _measure(cfg: RunConfig, row: Row, acc, steps: int) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     n_params = sum(p.numel() for p in trainer.unwrapped.parameters())
     del trainer
+    _free(acc, device)
     return {"step_s": statistics.median(times), "peak_gb": peak / 1e9 if peak is not None else None,
             "resident_gb": resident / 1e9 if resident is not None else None, "loss": losses[-1],
-            "transformer_params": n_params}
+            "before_gb": before / 1e9 if before is not None else None, "transformer_params": n_params}
 
 
 def run_backbone(backbone: str, size: str, resolution: int, steps: int, workdir: Path, deadline: float,
@@ -193,7 +199,7 @@ def run_backbone(backbone: str, size: str, resolution: int, steps: int, workdir:
             continue
         rcfg = replace(cfg, data=replace(cfg.data, cache=str(cache) if row.cached else ""))
         try:
-            res = _measure(rcfg, row, acc, steps)
+            res = _measure(rcfg, row, steps)
             record(row, status="ok", **res)
         except torch.OutOfMemoryError:
             record(row, status="OOM")
@@ -213,12 +219,13 @@ def markdown(results: list[dict], header: dict) -> str:
     """The results as a markdown table plus the 22 GB target verdict."""
     lines = [f"Dry run: {json.dumps(header)}", "",
              "| backbone | setting | status | time per step (s) | peak GB (max_memory_allocated) | resident before step GB "
-             "| memory_plan estimate GB | loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| memory_plan estimate GB | loss | allocated before the row GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['backbone']} | {r['row']} | {r['status']} | {_fmt(r.get('step_s'), '.3f')} | "
                      f"{_fmt(r.get('peak_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
-                     f"{_fmt(r.get('estimate_gb'), '.1f')} | {_fmt(r.get('loss'), '.3g')} |")
+                     f"{_fmt(r.get('estimate_gb'), '.1f')} | {_fmt(r.get('loss'), '.3g')} | "
+                     f"{_fmt(r.get('before_gb'), '.2f')} |")
     lines.append("")
     for r in results:
         if r["row"] == ROWS[0].name and r.get("peak_gb") is not None:
