@@ -1,4 +1,4 @@
-"""Acceptance measurements of the shipped toy weights (issue 3) and the model cards.
+"""Acceptance measurements of the shipped toy weights and the model cards.
 
     python -m toy_models.acceptance --n 512 --seed 0 --write-cards
 

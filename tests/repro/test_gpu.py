@@ -1,4 +1,4 @@
-"""GPU checks of the issue (skipped without CUDA): the same paths on CUDA in bf16, and measured
+"""GPU checks (skipped without CUDA): the same paths on CUDA in bf16, and measured
 peak memory of one D-OPSD roll-out with per-step vs single backward.
 
 * Parity: the Z-Image/FLUX.2 adapters' roll-outs match the pipelines on CUDA in bf16 (loose

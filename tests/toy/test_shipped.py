@@ -1,4 +1,4 @@
-"""Shipped weights meet a fast smoke version of the acceptance numbers (issue 3).
+"""Shipped weights meet a fast smoke version of the acceptance numbers.
 
 Thresholds are the full acceptance measurements (toy_models/weights/acceptance.json,
 n = 256) minus a margin for the smaller sample here (64 prompts). Skipped only while the
