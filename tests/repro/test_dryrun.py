@@ -4,7 +4,8 @@ Invariants:
 
 * The dry-run script runs every row on the tiny components and writes the table; every row of a
   backbone performs the same D-OPSD update (per-step vs single backward, checkpointing on/off,
-  cached vs live encoders change memory and time, not the step), so their reported losses agree.
+  cached vs live encoders change memory and time, not the step), so their reported losses agree;
+  and no row keeps an earlier row's model alive (that would inflate the later rows' peak memory).
 * ``--random-init`` builds the real-size components from the published configs kept in the
   repository: the Z-Image transformer has 6.15 B parameters, FLUX.2-klein-4B's 3.88 B, the
   Qwen3-4B text encoder 4.02 B, Qwen3-VL-4B 4.44 B (counted on the meta device, no allocation),
@@ -42,6 +43,13 @@ def test_dryrun_tiny_runs_every_row_and_writes_the_table(tmp_path):
             assert eight_bit == "skipped: bitsandbytes not installed"
         for r in ROWS:
             assert f"| {backbone} | {r.name} |" in text
+    # no row keeps an earlier row's model alive (it would inflate the later rows' peak memory)
+    import gc
+
+    from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel
+
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, (ZImageTransformer2DModel, Flux2Transformer2DModel))]
 
 
 @pytest.mark.parametrize("backbone, transformer_b, vlm", [("zimage", 6.15, True), ("flux2", 3.88, False)])
