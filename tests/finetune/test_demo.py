@@ -56,3 +56,60 @@ def test_matched_rows_merge_runs_matched_to_one_checkpoint():
             "SFT, 8× steps": [{**metrics, "step": 100, "concept_acc": 0.88}]}
     got = matched_rows(rows, logs, ["SFT", "SFT, 4× steps", "SFT, 8× steps"])
     assert set(got) == {"D-OPSD @ step 50 (matched to SFT; SFT, 4× steps)", "SFT, 8× steps @ step 100 (matched to D-OPSD)"}
+
+
+def test_retention_vs_base_is_the_paired_difference_over_generation_seeds():
+    """Retention is each model's known-prompt metric minus the base's on the same generation
+    seed, averaged, with the 95% t-interval of those differences."""
+    from toy_models.demo import retention_vs_base
+    from toy_models.experiments import mean_ci
+
+    per_seed = {"base": [{"known_acc": 0.9, "known_fid": 10.0}, {"known_acc": 0.8, "known_fid": 12.0}],
+                "SFT": [{"known_acc": 0.5, "known_fid": 20.0}, {"known_acc": 0.6, "known_fid": 30.0}]}
+    got = retention_vs_base(per_seed, ["SFT"])["SFT"]
+    assert got["known_acc"]["diff_vs_base"] == pytest.approx(-0.3)
+    assert got["known_fid"]["diff_vs_base"] == pytest.approx(14.0)
+    assert got["known_acc"]["ci"] == pytest.approx(mean_ci([-0.4, -0.2])[1])
+
+
+@pytest.mark.slow
+def test_demo_ungated_lora_option_measures_retention(tmp_path):
+    """--scope lora trains the ungated adapter (active for every prompt) for both methods and
+    reports retention on known prompts as measured differences to the base; the default stays
+    the prompt-gated adapter, whose known prompts equal the base's (difference exactly 0)."""
+    import torch
+
+    from toy_models.demo import main
+    from toy_models.dit import toy_dit_xs
+
+    torch.manual_seed(0)
+    m = toy_dit_xs()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if ("ada" in name or "conv_out" in name) and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    m.save_pretrained(tmp_path / "tiny")
+    common = ["--model", str(tmp_path / "tiny"), "--steps", "2", "--eval-every", "2", "--seeds", "2", "--sft-factor", "1",
+              "--device", "cpu", "--lr", "0.05"]
+    lora = main(common + ["--scope", "lora", "--out", str(tmp_path / "lora")])
+    gated = main(common + ["--out", str(tmp_path / "gated")])
+    assert lora["settings"]["scope"] == "lora" and gated["settings"]["scope"] == "prompt_gated"
+    md = (tmp_path / "lora" / "results.md").read_text()
+    assert "--scope lora" in md and "retention is measured" in md and "| D-OPSD |" in md
+    assert "by construction" in (tmp_path / "gated" / "results.md").read_text()
+    for name in ("SFT", "D-OPSD"):
+        assert gated["retention"][name]["known_fid"]["diff_vs_base"] == 0.0
+    assert any(lora["retention"][n]["known_fid"]["diff_vs_base"] != 0.0 for n in ("SFT", "D-OPSD"))
+
+
+def test_retention_lines_say_how_retention_is_obtained():
+    """The results text says retention is by construction for the rare-token-local scopes and
+    measured for the others (ungated LoRA, cross-attention, all parameters)."""
+    from toy_models.demo import retention_lines
+
+    r = {"D-OPSD": {"known_acc": {"diff_vs_base": -0.1, "ci": 0.05}, "known_fid": {"diff_vs_base": 2.0, "ci": float("nan")}}}
+    for scope in ("prompt_gated", "token_kv"):
+        assert "by construction" in "\n".join(retention_lines(r, scope, 3))
+    for scope in ("lora", "cross_attn", "full"):
+        text = "\n".join(retention_lines(r, scope, 3))
+        assert "retention is measured" in text and "| D-OPSD | -0.100 ± 0.050 | +2.000 |" in text
