@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -555,7 +555,10 @@ class DOPSDTrainer:
                 try:
                     metrics = self.train_step()
                 except NonFiniteLossError as exc:
-                    found = find_checkpoint(self.checkpoint_root).path if self.checkpoint_root.exists() else None
+                    try:
+                        found = find_checkpoint(self.checkpoint_root).path
+                    except CheckpointError:
+                        found = None
                     raise NonFiniteLossError(f"{exc}; training stopped, last good checkpoint: {found}") from exc
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     metrics["sec_per_step"] = (time.time() - t0) / max(1, self.step)
