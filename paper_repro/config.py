@@ -275,12 +275,14 @@ class RunConfig:
 
 
 # Fields a resumed run may change: how far and how often (I/O), the optimizer's lr, weight decay
-# and clipping (written into the optimizer on resume), gradient checkpointing (memory only) and
-# where the run lives. Every other field (model, data, LoRA shape, seed, batch, roll-out, loss,
-# teacher) defines the run; changing it on resume is refused, naming the field.
+# and clipping (written into the optimizer on resume), gradient checkpointing (memory only),
+# reading the contexts from a cache instead of the live encoders (equal bit for bit; the cache is
+# checked against the folder and settings) and where the run lives. Every other field (model,
+# data, LoRA shape, seed, batch, roll-out, loss, teacher) defines the run; changing it on resume
+# is refused, naming the field.
 RESUMABLE_FIELDS = ("train.steps", "train.lr", "train.weight_decay", "train.max_grad_norm", "train.checkpoint_every",
                     "train.keep_checkpoints", "train.sample_every", "train.sample_prompts", "train.sample_seed",
-                    "train.log_every", "train.gradient_checkpointing", "output_dir")
+                    "train.log_every", "train.gradient_checkpointing", "data.cache", "output_dir")
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
