@@ -101,6 +101,7 @@ class FSDP2LoraRun:
         tr = self.comps.transformer
         spec = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=resolve_targets(cfg.model.backbone,
                                                                                           cfg.lora.targets))
+        self.lora_spec = spec
         add_student_teacher_lora(tr, make_lora_config(cfg.model.backbone, spec))
         with torch.no_grad():  # float32 adapters (AdamW, 0.9999 EMA), as the trainer keeps them
             for adapter in (STUDENT, TEACHER):
@@ -172,6 +173,18 @@ class FSDP2LoraRun:
 
         return {role: {k: full(v) for k, v in lora_parameters(self.model, a).items()}
                 for role, a in (("student", STUDENT), ("teacher", TEACHER))}
+
+    def save_lora(self) -> Path:
+        """Student and teacher LoRA (gathered) in the format ``pipe.load_lora_weights`` reads (all ranks call it)."""
+        from .lora import save_lora_for_pipeline
+
+        state = self.lora_state()  # collective: every rank takes part in the all-gather
+        if self.rank == 0:
+            for role, folder in (("student", "lora"), ("teacher", "lora_teacher")):
+                save_lora_for_pipeline(state[role], self.comps.pipeline_cls, self.out / folder, self.lora_spec,
+                                       self.cfg.model.backbone, STUDENT if role == "student" else TEACHER)
+        dist.barrier()
+        return self.out / "lora"
 
     def _dcp_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> FSDP2LoraRun:
             print(json.dumps(metrics))
         if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.steps:
             run.save_checkpoint()
+    run.save_lora()
     return run
 
 

@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, port: int, cfg_a, cfg_b, cfg_ddp, out: str) -
             p.to_local().numel() < p.full_tensor().numel() for p in lora)
         losses_a = [a.train_step()["loss"] for _ in range(3)]
         torch.save({"lora": a.lora_state(), "losses": losses_a, "sharded": sharded}, f"{out}/a{rank}.pt")
+        a.save_lora()
         b = FSDP2LoraRun(cfg_b)
         b.train_step()
         b.train_step()
@@ -81,6 +82,12 @@ def test_fsdp2_two_cpu_ranks_identical_and_resume_exact(tmp_path):
     assert any(v.abs().max() > 0 for k, v in a0["lora"]["teacher"].items() if "lora_B" in k)
     assert a0["losses"][2] == c0["loss"] and a1["losses"][2] == c1["loss"]
     assert a0["losses"] != a1["losses"]  # the ranks trained on different data/noise
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors"))
+    student = {k.replace(".student", ""): v for k, v in a0["lora"]["student"].items()}
+    assert {k.removeprefix("transformer.") for k in saved} == set(student)
+    assert all(torch.equal(v, student[k.removeprefix("transformer.")]) for k, v in saved.items())
     # The same run under the training script's DDP engine (accelerate, gloo): equal up to the
     # order of the gradient reduction (all-reduce vs reduce-scatter).
     d0 = torch.load(tmp_path / "d0.pt", weights_only=True)
