@@ -621,6 +621,9 @@ def main(argv: list[str] | None = None) -> DOPSDTrainer:
     add_preflight_flags(ap, prefix="preflight-")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set + (["model.random_init=true"] if args.random_init else []))
+    if args.preflight and cfg.data.cache:
+        raise ValueError("--preflight encodes the targets with the live encoders and the VAE, which a run with "
+                         "data.cache does not load: run the pre-flight without data.cache")
     trainer = DOPSDTrainer(cfg)
     if args.preflight:
         preflight_from_args(trainer, args, prefix="preflight-")

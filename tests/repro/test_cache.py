@@ -224,3 +224,13 @@ def _write_rgb(arr, path):
     from PIL import Image
 
     Image.fromarray(arr).save(path)
+
+
+def test_preflight_with_a_cache_is_refused(tmp_path):
+    """The pre-flight needs the live encoders and the VAE, which a cached run never builds."""
+    from paper_repro.train import main
+
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(ValueError, match="--preflight .* data.cache"):
+        main(["--config", str(root / "paper_repro/configs/tiny_zimage.yaml"), "--set", f"data.root={tmp_path}",
+              "--set", f"data.cache={tmp_path / 'cache'}", "--preflight"])
