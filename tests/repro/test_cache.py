@@ -3,9 +3,10 @@
 Invariants:
 
 * Training from the cache is bit-identical to training with live encoders: same losses, per-step
-  losses, gradient norms, student and teacher LoRA tensors (CPU, float32, batches of 2 so the
-  per-pair encoding and the batch assembly are both exercised), for Z-Image (hybrid VLM teacher)
-  and FLUX.2 (editing branch with a teacher instruction; VLM route).
+  losses, gradient norms, student and teacher LoRA tensors (CPU; float32, and bf16 weights with
+  bf16 autocast; batches of 2 so the per-pair encoding and the batch assembly are both
+  exercised), for Z-Image (hybrid VLM teacher) and FLUX.2 (editing branch with a teacher
+  instruction; VLM route).
 * A cached run never builds the text encoder, the VLM or the VAE; its sample latents decode to
   the same image the live run writes.
 * A stale or damaged cache stops the run before the first step with an error that names the
@@ -45,6 +46,7 @@ def _assert_same_lora(a, b):
 
 CASES = {
     "zimage": dict(backbone="zimage"),
+    "zimage-bf16-autocast": dict(backbone="zimage", weight_dtype="bfloat16", train=dict(mixed_precision="bf16")),
     "flux2-editing-instruction": dict(backbone="flux2", model=dict(teacher_instruction="keep the same subject")),
     "flux2-vlm": dict(backbone="flux2", flux2_teacher="vlm"),
 }
@@ -58,7 +60,7 @@ def test_training_from_cache_equals_live_encoders_bit_for_bit(tmp_path, case):
     spec = CASES[case]
     data = make_folder(tmp_path / "data", sizes=((32, 32), (32, 32), (32, 32), (24, 40)))
     cfg = tiny_config(spec["backbone"], data, tmp_path / "live", flux2_teacher=spec.get("flux2_teacher", "editing"),
-                      batch_size=2, steps=2)
+                      weight_dtype=spec.get("weight_dtype", "float32"), batch_size=2, steps=2, **spec.get("train", {}))
     if "model" in spec:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **spec["model"]))
     cache = build_cache(cfg, tmp_path / "cache")
