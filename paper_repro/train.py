@@ -437,6 +437,7 @@ class DOPSDTrainer:
             raise ValueError("--overwrite starts a new run: use it with --no-resume")
         present = [n for n in ("checkpoints", "log.jsonl", "lora", "lora_teacher", "transformer", "samples")
                    if (self.out / n).exists()]
+        self.acc.wait_for_everyone()  # every rank looks before any rank writes (the main one logs early)
         if resume or not present:
             return
         if not overwrite:
