@@ -181,7 +181,7 @@ class TrainConfig:
         lr, betas, weight_decay, max_grad_norm: AdamW and clipping.
         ema_decay: teacher EMA decay d (< 1; a live teacher collapses).
         steps: optimizer steps; batch_size: per-process micro-batch; grad_accum: micro-batches.
-        num_rollout_steps: K; sigmas: explicit grid (overrides the backbone's).
+        num_rollout_steps: K; sigmas: explicit grid, or a named FLUX.2 grid ("flux2_sampler", "flux2_released"; paper_repro.grids), overriding the backbone's default.
         space: "x0" (released code) or "velocity" (paper).
         grad_strategy: "per_step" (flat memory in K) or "single" (released code; DeepSpeed).
         mixed_precision: "no" or "bf16" (autocast via accelerate).
@@ -200,7 +200,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     num_rollout_steps: int = 4
-    sigmas: tuple[float, ...] | None = None
+    sigmas: tuple[float, ...] | str | None = None
     space: str = "x0"
     grad_strategy: str = "per_step"
     mixed_precision: str = "bf16"
