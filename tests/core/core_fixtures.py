@@ -44,6 +44,18 @@ class MLPField(nn.Module):
         return self.net(flat).reshape(x.shape)
 
 
+class CtxField(nn.Module):
+    """v(x, σ, c) = MLP([x, σ, c]) with a per-sample context vector c (float64), seeded by ``seed``."""
+
+    def __init__(self, dim: int = 4, ctx: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(dim + 1 + ctx, 16), nn.Tanh(), nn.Linear(16, dim)).double()
+
+    def forward(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+        return self.net(torch.cat([x, sigma[:, None], context], dim=1))  # [B, dim]
+
+
 def make_field(kind: str, dim: int, seed: int) -> nn.Module:
     return LinearField(dim, seed) if kind == "linear" else MLPField(dim, seed)
 

@@ -7,21 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from core_fixtures import CtxField
 
 import dopsd_ref
 from dopsd_ref import MicroBatch, NonFiniteLossError, SFTMicroBatch, StepConfig, dopsd_train_step, make_teacher
-
-
-class CtxField(nn.Module):
-    """v(x, σ, c) = MLP([x, σ, c]) with a per-sample context vector c."""
-
-    def __init__(self, dim=4, ctx=2, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(dim + 1 + ctx, 16), nn.Tanh(), nn.Linear(16, dim)).double()
-
-    def forward(self, x, sigma, context):
-        return self.net(torch.cat([x, sigma[:, None], context], dim=1))
 
 
 def _batch(seed, b=3):
