@@ -36,20 +36,26 @@ behind (and restores an ``.old`` copy whose replacement never arrived).
 Filesystem writes, renames and deletes go through the small ``_write_bytes``, ``_rename``
 and ``_remove_tree`` functions so tests can inject a crash at each of them in turn.
 One writer per root at a time.
+
+**Interrupts**: :func:`stop_on_interrupt` turns the first Ctrl-C into a request to stop after
+the current step, so a training loop can save a checkpoint there and a later run resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -73,6 +79,7 @@ __all__ = [
     "set_rng_state",
     "pack_rng",
     "unpack_rng",
+    "stop_on_interrupt",
 ]
 
 LATEST = "latest"
@@ -599,3 +606,37 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> TrainState:
         extra=meta.get("extra", {}),
         extra_tensors=groups["extra"],
     )
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(say: Callable[[str], None]) -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C into a request to stop after the current step (a second one aborts).
+
+    Inside the block, the first SIGINT sets ``flag["stop"] = True`` and calls ``say`` with a
+    one-line notice; the loop is expected to finish its step, save a checkpoint and return.
+    A second SIGINT raises :class:`KeyboardInterrupt` at once. The previous handler is restored
+    on exit. Outside the main thread (where signal handlers cannot be installed) Ctrl-C keeps
+    its default behaviour and the flag stays False.
+
+    Args:
+        say: where the notice goes (``print``, a logger's method, ``accelerator.print``).
+
+    Yields:
+        The flag dict ``{"stop": bool}``, read by the loop after every step.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

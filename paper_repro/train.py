@@ -38,18 +38,15 @@ saves a checkpoint. Errors are one-line messages (``python -m paper_repro.train`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,7 +54,8 @@ from torch import Tensor, nn
 
 from dopsd_ref import MicroBatch, NonFiniteLossError, StepConfig, dopsd_train_step, ema_update_
 from dopsd_ref.checkpoint import (CheckpointError, begin_checkpoint, checkpoint_name, clean_stale, commit_checkpoint,
-                                  find_checkpoint, pack_rng, rng_state, set_rng_state, unpack_rng, verify_checkpoint)
+                                  find_checkpoint, pack_rng, rng_state, set_rng_state, stop_on_interrupt, unpack_rng,
+                                  verify_checkpoint)
 from dopsd_ref.lora import STUDENT, TEACHER, add_student_teacher_lora, lora_ema_update_, lora_parameters, use_adapter
 from dopsd_ref.sampling import euler_sample
 
@@ -575,30 +573,6 @@ class DOPSDTrainer:
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save_checkpoint()
         self.save_lora()
-
-
-@contextlib.contextmanager
-def stop_on_interrupt(say: Callable[[str], None]) -> Iterator[dict[str, bool]]:
-    """The first Ctrl-C asks to stop after the current step (a second one aborts at once).
-
-    Outside the main thread Ctrl-C keeps its default behaviour.
-    """
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):  # noqa: ARG001
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> DOPSDTrainer:
