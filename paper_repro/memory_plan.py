@@ -11,9 +11,9 @@ Two measurements, both on the tiny real-architecture Z-Image transformer on CPU:
 
 The plan multiplies (2) by the real model's tokens, width and depth, adds frozen weights (bf16)
 and the LoRA/AdamW state (fp32), and prints a markdown table. Parameter counts come from the
-real transformer configs instantiated on the meta device (no weights). These are estimates; the
-GPU check of the issue (peak memory per-step vs single backward on a real card) is the ground
-truth and was not run here.
+real transformer configs instantiated on the meta device (no weights). These are estimates; measured
+peak memory comes from a GPU (``tests/repro/test_gpu.py`` on a medium transformer, and
+``python -m paper_repro.dryrun`` at full size; see paper_repro/README.md for what ran where).
 
 Run: ``python -m paper_repro.memory_plan``.
 """

@@ -8,9 +8,9 @@ Quick use::
     imgs = sample(model, text_context(["large red circle on black"] * 8), steps=4, seed=0)
 """
 
-from toy_models.context import ToyContext, teacher_context, text_context
-from toy_models.hub import load_base, load_evaluator, load_turbo, weights_available
-from toy_models.sampling import noise_like, sample
+from toy_models.models.context import ToyContext, teacher_context, text_context
+from toy_models.models.hub import load_base, load_evaluator, load_turbo, weights_available
+from toy_models.models.sampling import noise_like, sample
 
 __all__ = [
     "ToyContext", "teacher_context", "text_context", "load_base", "load_evaluator", "load_turbo",

@@ -31,22 +31,13 @@ from typing import Any
 import torch
 
 import dopsd_ref
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 from toy_models.finetune.config import FinetuneConfig
-from toy_models.finetune.evaluate import EvalPrompts, eval_prompts, evaluate_student, load_evaluator, sample_prompts
+from toy_models.finetune.evaluate import METRICS, EvalPrompts, make_eval_prompts, evaluate_student, load_evaluator, sample_prompts
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import load_model, resolve_device, run_finetune
 
-METRICS = [
-    ("concept_acc", "concept acc ↑ (train prompts)"),
-    ("unseen_acc", "concept acc ↑ (unseen prompts)"),
-    ("known_acc", "known-concept acc ↑"),
-    ("known_fid", "toy-FID ↓ (known)"),
-    ("known_palette", "palette dist ↓ (known)"),
-    ("concept_palette", "palette dist ↓ (concept)"),
-    ("concept_fid", "toy-FID ↓ (concept)"),
-]
 
 
 def _fmt(v: float) -> str:
@@ -129,7 +120,7 @@ RETENTION = (("known_acc", "known-concept acc"), ("known_fid", "toy-FID (known)"
 def retention_vs_base(per_seed: dict[str, list[dict[str, float]]], names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """Retention on known prompts: each model's paired difference to the base (same generation
     seed) in known-prompt accuracy and toy-FID, mean ± 95% t-interval over generation seeds."""
-    from toy_models.experiments import mean_ci
+    from toy_models.studies.experiments import mean_ci
 
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name in names:
@@ -157,7 +148,7 @@ def retention_lines(retention: dict[str, dict[str, dict[str, float]]], scope: st
 
 
 def _grids(out: Path, name: str, student, prompts: EvalPrompts, device, steps: int = 4) -> None:
-    from toy_models.viz import save_grid
+    from toy_models.eval.viz import save_grid
 
     for label, ps in (("train", prompts.train[:8]), ("unseen", prompts.unseen[:8])):
         x = torch.cat([sample_prompts(student, ps, 1000 + s, steps, device) for s in range(3)])
@@ -196,10 +187,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.lr is not None:
         base_cfg = base_cfg.replace(lr=args.lr)
     targets = load_targets(base_cfg.data, base_cfg.num_targets, base_cfg.data_seed)
-    prompts = eval_prompts(targets)
+    prompts = make_eval_prompts(targets)
     evaluator = load_evaluator()
     seeds = list(range(args.seeds))
-    from toy_models.viz import save_grid
+    from toy_models.eval.viz import save_grid
 
     save_grid(targets.images, out / "targets.png", nrow=len(targets))
     print(f"[demo] {len(targets)} targets of {targets.name!r} (rare token {V.SHAPE_TOKEN!r}); device {device}")

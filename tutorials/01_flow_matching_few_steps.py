@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 import dopsd_ref
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import text_context
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import text_context
 from toy_models.finetune.evaluate import sample_prompts
-from toy_models.metrics import accuracy, palette_distance
+from toy_models.eval.metrics import accuracy, palette_distance
 
 torch.manual_seed(0)
 OUT = T.out_dir("01_flow_matching_few_steps")
@@ -107,7 +107,7 @@ for k in (4, 32):
 # the classifier-free-guided velocity $v(c^-) + w\,(v(c) - v(c^-))$, so the turbo model
 # draws what the caption names more reliably than its base does without guidance, and is
 # sampled without guidance itself. The toy's 4-step model is made the same way (w = 3;
-# `toy_models/guidance.py`, recipe in `toy_models/README.md`).
+# `toy_models/models/guidance.py`, recipe in `toy_models/README.md`).
 #
 # ## 3. Base model at 32 and 4 steps, turbo model at 4 steps
 #

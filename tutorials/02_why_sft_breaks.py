@@ -40,10 +40,10 @@ import matplotlib.pyplot as plt
 import torch
 
 import dopsd_ref
-from toy_models import vocab as V
-from toy_models.context import text_context
+from toy_models.world import vocab as V
+from toy_models.models.context import text_context
 from toy_models.finetune.config import FinetuneConfig
-from toy_models.finetune.evaluate import eval_prompts, evaluate_student, sample_prompts
+from toy_models.finetune.evaluate import make_eval_prompts, evaluate_student, sample_prompts
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import run_finetune
 
@@ -59,7 +59,7 @@ evaluator = T.load_toy(T.EVALUATOR)
 cfg = FinetuneConfig(method="sft", model=str(T.weights_path(T.TURBO)), data="concept:ell", device="cpu",
                      steps=T.pick(60, 150), ckpt_every=0, eval_every=0)
 targets = load_targets(cfg.data, cfg.num_targets, cfg.data_seed)
-prompts = eval_prompts(targets)
+prompts = make_eval_prompts(targets)
 turbo = T.load_toy(T.TURBO)
 shown = prompts.train[:T.pick(6, 8)]
 fig = T.image_rows([targets.images[:len(shown)], sample_prompts(turbo, shown, seed=0, steps=4)],

@@ -22,7 +22,7 @@
 #   \text{teacher: } v_{\bar\theta}(x, \sigma, c_t),\quad c_t = f_\text{mm}(y, x^\star).$$
 #
 # The student context is exactly what inference uses. The toy model has both routes the
-# real models use (`toy_models.context.ToyContext`):
+# real models use (`toy_models.models.context.ToyContext`):
 #
 # * `route="tokens"` — the reference's patch tokens join the denoiser's self-attention
 #   (the FLUX.2-klein editing branch);
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 import dopsd_ref
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import teacher_context, text_context
-from toy_models.metrics import accuracy, copy_iou
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import teacher_context, text_context
+from toy_models.eval.metrics import accuracy, copy_iou
 
 torch.manual_seed(0)
 OUT = T.out_dir("03_in_context_teacher")
@@ -57,7 +57,7 @@ model, evaluator = T.load_toy(T.TURBO), T.load_toy(T.EVALUATOR)
 #
 # Each caption names the L glyph by the rare token and asks for some colour and
 # background. Its reference image is an L too — but in **another colour, on another
-# background, at another place and size** (`toy_models.data.concept_reference`).
+# background, at another place and size** (`toy_models.world.data.concept_reference`).
 
 # %%
 n = T.pick(8, 16)

@@ -47,10 +47,10 @@ import numpy as np
 import torch
 
 import dopsd_ref
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 from toy_models.finetune.adapters import add_local_adapters
-from toy_models.finetune.evaluate import eval_prompts, evaluate_student, sample_prompts
+from toy_models.finetune.evaluate import make_eval_prompts, evaluate_student, sample_prompts
 from toy_models.finetune.reference import placement_matched_teacher
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import RARE_IDS
@@ -76,7 +76,7 @@ evaluator = T.load_toy(T.EVALUATOR)
 # %%
 net = add_local_adapters(T.load_toy(T.TURBO), RARE_IDS, rank=8, alpha=8.0, scope="prompt_gated")
 targets = load_targets("concept:ell", 12, 1234)
-prompts = eval_prompts(targets)
+prompts = make_eval_prompts(targets)
 params = net.student_parameters()
 print(f"trainable: {sum(p.numel() for p in params)} parameters in {len(params)} tensors; "
       f"frozen: {sum(p.numel() for p in net.parameters() if not p.requires_grad)}")

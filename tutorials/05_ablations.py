@@ -40,7 +40,7 @@ import torch
 
 import dopsd_ref
 from toy_models.finetune.config import FinetuneConfig
-from toy_models.finetune.evaluate import eval_prompts, evaluate_student
+from toy_models.finetune.evaluate import make_eval_prompts, evaluate_student
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import run_finetune
 
@@ -49,7 +49,7 @@ OUT = T.out_dir("05_ablations")
 T.banner("05_ablations")
 evaluator = T.load_toy(T.EVALUATOR)
 targets = load_targets("concept:ell", 12, 1234)
-prompts = eval_prompts(targets)
+prompts = make_eval_prompts(targets)
 SEEDS = range(T.pick(1, 3))
 BASE_CFG = FinetuneConfig(method="dopsd", model=str(T.weights_path(T.TURBO)), device="cpu", ckpt_every=0,
                           steps=T.pick(6, 150), batch_size=T.pick(4, 8), eval_every=T.pick(6, 25))
@@ -161,9 +161,9 @@ plot_runs(k_logs, "roll-out length K (evaluated with the 4-step sampler)", OUT /
 # code keeps all K graphs and calls backward once. First: the gradients are the same.
 
 # %%
-from toy_models.context import ToyContext
-from toy_models.dit import toy_dit_xs
-from toy_models import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.models.dit import toy_dit_xs
+from toy_models.world import vocab as V
 
 tiny = toy_dit_xs()
 with torch.no_grad():                     # random weights everywhere (the output layer starts at zero)
@@ -189,7 +189,7 @@ print(f"max |grad(per-step) − grad(single)| = {(grads[True] - grads[False]).ab
 
 # %%
 from paper_repro.memory_plan import SavedBytesMeter
-from toy_models.dit import toy_dit_s
+from toy_models.models.dit import toy_dit_s
 
 toy = toy_dit_s()
 with torch.no_grad():
@@ -215,14 +215,14 @@ for per_step, label in [(True, "per-step backward"), (False, "single backward")]
 
 # %% [markdown]
 # In full mode we also measure the whole process's peak resident memory during one step, each
-# case in a fresh subprocess (`toy_models.bench._memory_subprocess`, the benchmark's
+# case in a fresh subprocess (`toy_models.studies.bench._memory_subprocess`, the benchmark's
 # measurement; about half a minute per case on a busy CPU, so fast mode skips it), including
 # one SFT step for scale.
 
 # %%
 rss = {}
 if not T.FAST:
-    from toy_models.bench import Case, _memory_subprocess
+    from toy_models.studies.bench import Case, _memory_subprocess
 
     rss = {mode: [_memory_subprocess(Case("toy", k, 16, 16), mode, "cpu") for k in ks] for mode in ("per_step", "single")}
     rss["sft"] = [_memory_subprocess(Case("toy", 4, 16, 16), "sft", "cpu")] * len(ks)

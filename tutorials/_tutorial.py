@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # `python tutorials/01_….py` without `pip insta
         import dopsd_ref  # noqa: F401
     except ImportError:
         sys.path.insert(0, str(REPO))
-        # subprocesses (e.g. toy_models.bench's memory cases) must find the packages too
+        # subprocesses (e.g. toy_models.studies.bench's memory cases) must find the packages too
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 import matplotlib  # noqa: E402
@@ -77,10 +77,10 @@ def weights_path(name: str) -> Path:
 def load_toy(name: str):
     """A shipped toy model (``ToyDiT`` for base/turbo, ``ToyEvaluator`` for the evaluator), eval mode."""
     if name == EVALUATOR:
-        from toy_models.evaluator import ToyEvaluator
+        from toy_models.eval.evaluator import ToyEvaluator
 
         return ToyEvaluator.from_pretrained(weights_path(name)).eval()
-    from toy_models.dit import ToyDiT
+    from toy_models.models.dit import ToyDiT
 
     return ToyDiT.from_pretrained(weights_path(name)).eval()
 

@@ -1,6 +1,6 @@
 """The benchmark's memory probe, and the memory property of per-step backward it measures."""
 
-from toy_models.bench import Case, _memory_subprocess
+from toy_models.studies.bench import Case, _memory_subprocess
 
 
 def test_per_step_backward_memory_is_flat_in_k():

@@ -12,7 +12,7 @@ def test_demo_writes_table_grids_and_curves(tmp_path):
     import torch
 
     from toy_models.demo import main
-    from toy_models.dit import toy_dit_xs
+    from toy_models.models.dit import toy_dit_xs
 
     torch.manual_seed(0)
     toy_dit_xs().save_pretrained(tmp_path / "tiny")
@@ -62,7 +62,7 @@ def test_retention_vs_base_is_the_paired_difference_over_generation_seeds():
     """Retention is each model's known-prompt metric minus the base's on the same generation
     seed, averaged, with the 95% t-interval of those differences."""
     from toy_models.demo import retention_vs_base
-    from toy_models.experiments import mean_ci
+    from toy_models.studies.experiments import mean_ci
 
     per_seed = {"base": [{"known_acc": 0.9, "known_fid": 10.0}, {"known_acc": 0.8, "known_fid": 12.0}],
                 "SFT": [{"known_acc": 0.5, "known_fid": 20.0}, {"known_acc": 0.6, "known_fid": 30.0}]}
@@ -80,7 +80,7 @@ def test_demo_ungated_lora_option_measures_retention(tmp_path):
     import torch
 
     from toy_models.demo import main
-    from toy_models.dit import toy_dit_xs
+    from toy_models.models.dit import toy_dit_xs
 
     torch.manual_seed(0)
     m = toy_dit_xs()

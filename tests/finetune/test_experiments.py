@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from toy_models.experiments import SUITES, mean_ci, run_suite, suite
+from toy_models.studies.experiments import SUITES, mean_ci, run_suite, suite
 
 
 def test_mean_ci_t_interval():
@@ -30,7 +30,7 @@ def test_tiny_concept_suite_end_to_end(tmp_path):
     """A 2-step concept suite on a tiny model writes a table with paired differences."""
     import torch
 
-    from toy_models.dit import toy_dit_xs
+    from toy_models.models.dit import toy_dit_xs
 
     torch.manual_seed(0)
     toy_dit_xs().save_pretrained(tmp_path / "tiny")
@@ -44,7 +44,7 @@ def test_tiny_concept_suite_end_to_end(tmp_path):
 
 # ---- the protocol commands (lora_table, full_table, curves, lr_sweep, options) ----
 
-from toy_models.experiments import COMMANDS, frontier_at, normalized_auc, paired_summary, steps_to_threshold  # noqa: E402
+from toy_models.studies.experiments import COMMANDS, frontier_at, normalized_auc, paired_summary, steps_to_threshold  # noqa: E402
 
 
 def test_paired_summary_clusters_by_training_seed():
@@ -83,7 +83,7 @@ def tiny_dir(tmp_path_factory):
     """A tiny random toy DiT (its zero-initialised output gates perturbed so training moves it)."""
     import torch
 
-    from toy_models.dit import toy_dit_xs
+    from toy_models.models.dit import toy_dit_xs
 
     torch.manual_seed(0)
     m = toy_dit_xs()
@@ -113,17 +113,17 @@ def test_protocol_command_fast_mode_writes_its_table(tmp_path, tiny_dir, command
     """Each protocol command in --fast mode trains its rows, writes <command>.md (with the exact
     command that produced it and every row), <command>.json (the same command, per-seed values)
     and, for curves and lr_sweep, the PNG plot."""
-    from toy_models.experiments import main
+    from toy_models.studies.experiments import main
 
     out = tmp_path / "results"
     argv = [command, "--fast", "--model", str(tiny_dir), "--out", str(out), "--device", "cpu"]
     main(argv)
     md = (out / f"{command}.md").read_text()
-    assert f"`python -m toy_models.experiments {' '.join(argv)}`" in md and "fast smoke mode" in md
+    assert f"`python -m toy_models.studies.experiments {' '.join(argv)}`" in md and "fast smoke mode" in md
     for row in EXPECTED_ROWS[command]:
         assert f"| {row} |" in md, row
     data = json.loads((out / f"{command}.json").read_text())
-    assert data["command"] == "python -m toy_models.experiments " + " ".join(argv)
+    assert data["command"] == "python -m toy_models.studies.experiments " + " ".join(argv)
     if command in ("curves", "lr_sweep"):
         assert (out / f"{command}.png").stat().st_size > 0 and f"]({command}.png)" in md
     if command == "curves":
@@ -139,7 +139,7 @@ def test_protocol_command_fast_mode_writes_its_table(tmp_path, tiny_dir, command
 def test_lr_sweep_records_a_diverged_run_and_goes_on(tmp_path, tiny_dir, monkeypatch):
     """A learning rate whose loss turns NaN is recorded as diverged (n/a, excluded from the
     frontier) and the sweep still trains and reports every other run."""
-    import toy_models.experiments as E
+    import toy_models.studies.experiments as E
     from dopsd_ref import NonFiniteLossError
 
     orig = E._train

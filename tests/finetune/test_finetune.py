@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import dopsd_ref
-from toy_models import vocab as V
-from toy_models.context import ToyContext
-from toy_models.dit import toy_dit_xs
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.models.dit import toy_dit_xs
 from toy_models.finetune.adapters import add_local_adapters
 from toy_models.finetune.config import load_config
 from toy_models.finetune.train import RARE_IDS, run_finetune
@@ -142,9 +142,9 @@ def test_targets_builtin_folder_and_eval_prompts(tmp_path):
     """Built-in target sets are deterministic and name the concept with the rare token; a
     user folder loads the same pairs; held-out evaluation prompts recombine the concept with
     colour × background pairs absent from the targets."""
-    from toy_models.finetune.evaluate import eval_prompts
+    from toy_models.finetune.evaluate import make_eval_prompts
     from toy_models.finetune.targets import load_targets
-    from toy_models.folder import write_pair_folder
+    from toy_models.world.folder import write_pair_folder
 
     a, b = load_targets("concept:ell", 6, 3), load_targets("concept:ell", 6, 3)
     assert torch.equal(a.images, b.images) and a.captions == b.captions
@@ -152,7 +152,7 @@ def test_targets_builtin_folder_and_eval_prompts(tmp_path):
     write_pair_folder(tmp_path / "pairs", a.images, a.captions)
     f = load_targets(str(tmp_path / "pairs"))
     assert f.captions == a.captions and torch.allclose(f.images, a.images, atol=1 / 127)
-    p = eval_prompts(a, n_unseen=5, n_known=4)
+    p = make_eval_prompts(a, n_unseen=5, n_known=4)
     seen = {(s.color, s.bg) for s in a.specs}
     assert len(p.unseen) == 5 and all(V.SHAPE_TOKEN in u for u in p.unseen)
     for u in p.unseen:

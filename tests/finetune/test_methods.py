@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import dopsd_ref
-from toy_models import vocab as V
-from toy_models.context import ToyContext
-from toy_models.dit import toy_dit_xs
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.models.dit import toy_dit_xs
 from toy_models.finetune.adapters import add_local_adapters
 from toy_models.finetune.config import load_config
 from toy_models.finetune.targets import load_targets
@@ -79,7 +79,7 @@ def test_prior_samples_are_the_base_models_known_prompt_samples(tiny_model_dir):
     """DreamBooth's prior pairs are the untrained model's own 4-step samples of known-shape
     prompts (no rare token), drawn from their own seed (identical on every call, i.e. on resume)
     and from prompts other than the evaluation's known prompts."""
-    from toy_models.finetune.evaluate import eval_prompts
+    from toy_models.finetune.evaluate import make_eval_prompts
 
     cfg = _cfg(tiny_model_dir, method="dreambooth", prior_images=6)
     base = load_model(cfg.model, torch.device("cpu")).eval()
@@ -93,7 +93,7 @@ def test_prior_samples_are_the_base_models_known_prompt_samples(tiny_model_dir):
     with torch.no_grad():
         direct = dopsd_ref.euler_sample(lambda x, s: base(x, s, ctx), noise, dopsd_ref.uniform_sigmas(4)).clamp(-1, 1)
     torch.testing.assert_close(p1.images, direct, rtol=0, atol=1e-6)
-    known = set(eval_prompts(load_targets(cfg.data, cfg.num_targets, cfg.data_seed)).known)
+    known = set(make_eval_prompts(load_targets(cfg.data, cfg.num_targets, cfg.data_seed)).known)
     assert len(set(p1.captions) - known) > 0
 
 

@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 from toy_models.finetune.reference import background, foreground_centroid, placement_matched_teacher, shift_images
 
 

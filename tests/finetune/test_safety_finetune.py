@@ -243,8 +243,8 @@ def test_captions_without_rare_token_are_refused_under_local_scopes(tmp_path, mo
     """Under the default prompt-gated scope (and token_kv) a caption with no rare token
     trains nothing: a folder of such captions is refused naming the captions file and line
     (and the fix), not trained to a "success" with zero gradients; cross_attn accepts it."""
-    from toy_models import data as D
-    from toy_models.folder import write_pair_folder
+    from toy_models.world import data as D
+    from toy_models.world.folder import write_pair_folder
 
     sp = D.specs(0, 3)
     folder = write_pair_folder(tmp_path / "pairs", D.render_batch(sp), [D.caption(s) for s in sp])

@@ -4,10 +4,10 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.concepts import concept_captions, concept_specs
-from toy_models.mixture import MixtureConfig, pretrain_batch
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.world.concepts import concept_captions, concept_specs
+from toy_models.world.mixture import MixtureConfig, pretrain_batch
 
 SEEDS = st.integers(0, 2**31 - 1)
 IDX = st.integers(0, 10_000)
@@ -81,7 +81,7 @@ def test_glyphs_are_not_ells(seed):
 def test_pretraining_never_shows_heldout(seed, step, frac):
     """No base-training image (target or reference) is an ell, hstripe or pastel image, and
     the rare tokens only appear in captions of samples that carry a reference."""
-    import toy_models.mixture as mix
+    import toy_models.world.mixture as mix
 
     seen = []
     orig = D.render_batch

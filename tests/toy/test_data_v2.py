@@ -10,10 +10,10 @@ import hashlib
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from toy_models import data as D
-from toy_models import mixture as mix
-from toy_models import vocab as V
-from toy_models.mixture import MIXTURES, pretrain_batch
+from toy_models.world import data as D
+from toy_models.world import mixture as mix
+from toy_models.world import vocab as V
+from toy_models.world.mixture import MIXTURES, pretrain_batch
 
 SEEDS = st.integers(0, 2**31 - 1)
 FAST = settings(max_examples=40, deadline=None, derandomize=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from toy_models import data as D
-from toy_models.folder import DatasetFolderError, load_pair_folder, write_pair_folder
+from toy_models.world import data as D
+from toy_models.world.folder import DatasetFolderError, load_pair_folder, write_pair_folder
 
 
 def _good(tmp_path, n=3):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from toy_models.handoff import handoff_accuracy
-from toy_models.hub import load_evaluator
+from toy_models.studies.handoff import handoff_accuracy
+from toy_models.models.hub import load_evaluator
 
 
 class _Const(torch.nn.Module):
@@ -25,8 +25,8 @@ def test_handoff_ends_are_teacher_and_student_samples():
     """A model whose teacher context always draws an L and whose student context draws a
     square: k = 0 (teacher only) scores 1, k = K (student only) scores 0, and the teacher's x̂0
     at every student state is the L."""
-    from toy_models import data as D
-    from toy_models.concepts import concept_specs
+    from toy_models.world import data as D
+    from toy_models.world.concepts import concept_specs
 
     ell = D.render_batch(concept_specs("ell", 1, 3))
     sq = D.render_batch(D.specs(5, 1, shapes=("square",)))

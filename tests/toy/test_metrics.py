@@ -3,8 +3,8 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from toy_models import data as D
-from toy_models import metrics as M
+from toy_models.world import data as D
+from toy_models.eval import metrics as M
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True)
 

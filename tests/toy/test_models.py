@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import ToyContext, teacher_context, text_context
-from toy_models.dit import ToyDiT, toy_dit_xs
-from toy_models.evaluator import HEADS, ToyEvaluator
-from toy_models.sampling import sample
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext, teacher_context, text_context
+from toy_models.models.dit import ToyDiT, toy_dit_xs
+from toy_models.eval.evaluator import HEADS, ToyEvaluator
+from toy_models.models.sampling import sample
 
 
 def _live_xs(seed: int = 0) -> ToyDiT:
@@ -77,7 +77,7 @@ def test_offline_loading(tmp_path):
     """Loading a local folder works with HF_HUB_OFFLINE=1 (no network call is attempted)."""
     _live_xs().save_pretrained(tmp_path / "m")
     code = (
-        "import torch; from toy_models.dit import ToyDiT; "
+        "import torch; from toy_models.models.dit import ToyDiT; "
         f"m = ToyDiT.from_pretrained(r'{tmp_path / 'm'}'); print(sum(p.numel() for p in m.parameters()))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}

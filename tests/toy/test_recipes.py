@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import ToyContext
-from toy_models.guidance import GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.models.guidance import GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity
 
-from toy_models.dit import TOY_DIT_SIZES, ToyDiT
-from toy_models.evaluator import ToyEvaluator
+from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
+from toy_models.eval.evaluator import ToyEvaluator
 from toy_models.recipes import distill, pretrain, train_evaluator
 
 
@@ -101,9 +101,9 @@ def test_train_evaluator_tiny(tmp_path):
 
 
 def test_guidance_sweep_cli_smoke(tmp_path, capsys):
-    """``python -m toy_models.guidance`` runs on the shipped base at a tiny size and writes one
+    """``python -m toy_models.models.guidance`` runs on the shipped base at a tiny size and writes one
     row per (negative, scale) for text-only prompts and one per scale for reference copying."""
-    from toy_models import guidance
+    from toy_models.models import guidance
 
     out = tmp_path / "sweep.json"
     guidance.main(["--n", "8", "--steps", "2", "--scales", "1", "2", "--threads", "1", "--out", str(out)])

@@ -8,10 +8,10 @@ weights do not exist yet.
 import pytest
 import torch
 
-from toy_models import data as D
-from toy_models.concepts import concept_specs
-from toy_models.evaluate import copy_accuracy, eval_prompts
-from toy_models.hub import BASE, EVALUATOR, TURBO, load_evaluator, load_turbo, weights_available
+from toy_models.world import data as D
+from toy_models.world.concepts import concept_specs
+from toy_models.eval.evaluate import copy_accuracy, score_prompts
+from toy_models.models.hub import BASE, EVALUATOR, TURBO, load_evaluator, load_turbo, weights_available
 
 pytestmark = pytest.mark.skipif(
     not weights_available(TURBO, EVALUATOR), reason="shipped toy weights not trained yet (toy_models/README.md)"
@@ -30,7 +30,7 @@ def test_turbo_text_only_known(models):
     """4-step text-only samples of known prompts show the named colour, and the named shape at
     the measured rate (margin for 64 prompts)."""
     turbo, ev = models
-    r = eval_prompts(turbo, ev, D.specs(1, N), steps=4, seed=1)
+    r = score_prompts(turbo, ev, D.specs(1, N), steps=4, seed=1)
     assert r["shape_acc"] >= SHAPE_MIN, r
     assert r["color_acc"] >= 0.95, r
 
@@ -60,8 +60,8 @@ def test_sampling_64_images_at_4_steps(models):
     [−1, 1] that are identical for the same seed and differ for another seed. No wall-clock
     assertion: the speed is a measured number in acceptance.json, not a test."""
     turbo, _ = models
-    from toy_models.context import text_context
-    from toy_models.sampling import sample
+    from toy_models.models.context import text_context
+    from toy_models.models.sampling import sample
 
     ctx = text_context([D.caption(s) for s in D.specs(2, 64)])
     calls: list[tuple[tuple[int, ...], list[float]]] = []
@@ -92,8 +92,8 @@ def test_cards_match_recorded_numbers():
     names the recipe command and seed, and reproduces the measured numbers."""
     import json
 
-    from toy_models.cards import card
-    from toy_models.hub import WEIGHTS_DIR
+    from toy_models.recipes.cards import card
+    from toy_models.models.hub import WEIGHTS_DIR
 
     acc_path = WEIGHTS_DIR / "acceptance.json"
     if not acc_path.exists():
@@ -114,8 +114,8 @@ def test_full_acceptance_reproduces_recorded_numbers():
     float noise; tolerance 0.03 on accuracies, 5% on toy-FID)."""
     import json
 
-    from toy_models.acceptance import run
-    from toy_models.hub import WEIGHTS_DIR
+    from toy_models.recipes.acceptance import run
+    from toy_models.models.hub import WEIGHTS_DIR
 
     rec = json.loads((WEIGHTS_DIR / "acceptance.json").read_text())
     res = run(rec["n"], rec["seed"], 0, 0.0, 0, skip_sft=True)

@@ -25,8 +25,8 @@ import torch
 
 import dopsd_ref
 from dopsd_ref import NonFiniteLossError
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 from toy_models.finetune.config import add_config_flags, config_from_args
 
 
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from toy_models.finetune.train import load_finetuned
-    from toy_models.viz import save_grid
+    from toy_models.eval.viz import save_grid
 
     model, cfg = load_finetuned(args.run, args.device)
     prompts = args.prompt or [f"large red {V.SHAPE_TOKEN} on white", f"small blue {V.SHAPE_TOKEN} on black"]

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from dopsd_ref.lora import STUDENT, TEACHER, lora_ema_update_, lora_parameters
-from toy_models.context import ToyContext
+from toy_models.models.context import ToyContext
 
 Scope = Literal["token_kv", "prompt_gated", "cross_attn", "lora"]
 SCOPES: tuple[str, ...] = ("token_kv", "prompt_gated", "cross_attn", "lora")
@@ -182,7 +182,7 @@ def add_local_adapters(
     key/value projection (and on the rare tokens' embedding).
 
     Args:
-        model: a :class:`toy_models.dit.ToyDiT`.
+        model: a :class:`toy_models.models.dit.ToyDiT`.
         rare_ids: token ids whose positions the adapters act on (``scope="token_kv"``).
         rank, alpha: LoRA rank r and scale α (the update is (α/r)·B·A).
         scope: "token_kv" (rare-token positions only), "cross_attn" (every text position),

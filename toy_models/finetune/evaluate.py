@@ -15,7 +15,7 @@ For a target set (e.g. the held-out L glyph under the rare token ``sks``) it mea
   exactly those prompts (built-in sets only);
 * ``concept_dino_d`` — the DINO-D analogue: mean ``1 − cos`` of evaluator features between
   the sample of each training prompt and that prompt's own target image
-  (:func:`toy_models.metrics.feature_distance`; lower is closer to the targets).
+  (:func:`toy_models.eval.metrics.feature_distance`; lower is closer to the targets).
 
 Every number is a mean over ``seeds`` generation seeds; per-seed values are kept so that
 methods can be compared by paired differences.
@@ -33,14 +33,26 @@ import torch
 from torch import Tensor
 
 import dopsd_ref
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.concepts import concept_captions, concept_specs
-from toy_models.context import ToyContext
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.world.concepts import concept_captions, concept_specs
+from toy_models.models.context import ToyContext
 from toy_models.finetune.targets import BUILTIN, TargetSet
-from toy_models.metrics import accuracy, feature_distance, palette_distance, toy_fid
+from toy_models.eval.metrics import accuracy, feature_distance, palette_distance, toy_fid
 
-__all__ = ["EvalPrompts", "eval_prompts", "evaluate_student", "load_evaluator", "evaluate_run", "sample_prompts"]
+#: The fine-tuning metrics reported in tables, in their order: (key of
+#: :func:`evaluate_student`'s result, column label). Used by the demo and the experiment suites.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("concept_acc", "concept acc ↑ (train prompts)"),
+    ("unseen_acc", "concept acc ↑ (unseen prompts)"),
+    ("known_acc", "known-concept acc ↑"),
+    ("known_fid", "toy-FID ↓ (known)"),
+    ("known_palette", "palette dist ↓ (known)"),
+    ("concept_palette", "palette dist ↓ (concept)"),
+    ("concept_fid", "toy-FID ↓ (concept)"),
+)
+
+__all__ = ["METRICS", "EvalPrompts", "make_eval_prompts", "evaluate_student", "load_evaluator", "evaluate_run", "sample_prompts"]
 
 StudentFn = Callable[[Tensor, Tensor, ToyContext], Tensor]
 
@@ -48,7 +60,7 @@ StudentFn = Callable[[Tensor, Tensor, ToyContext], Tensor]
 @functools.lru_cache(maxsize=2)
 def load_evaluator(path: str | None = None):
     """The shipped toy evaluator (classifier + toy-FID features), loaded offline, cached."""
-    from toy_models import hub
+    from toy_models.models import hub
 
     return hub.load_evaluator(path)
 
@@ -67,7 +79,7 @@ class EvalPrompts:
     train_images: Tensor | None = None  # [N, 3, 16, 16] the target of each training prompt
 
 
-def eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed: int = 4321) -> EvalPrompts:
+def make_eval_prompts(targets: TargetSet, n_unseen: int = 12, n_known: int = 36, seed: int = 4321) -> EvalPrompts:
     """Training prompts, held-out recombinations and known-concept prompts for a target set."""
     name = targets.name if targets.name in BUILTIN else "concept:ell"
     head, concept = {
@@ -141,4 +153,4 @@ def evaluate_run(run: str | Path, device: str = "cpu", seeds: int = 3, steps: in
     model, cfg = load_finetuned(run, device)
     targets = load_targets(cfg.data, cfg.num_targets, cfg.data_seed)
     dev = next(model.parameters()).device
-    return evaluate_student(model, eval_prompts(targets), seeds=range(seeds), steps=steps, device=dev)
+    return evaluate_student(model, make_eval_prompts(targets), seeds=range(seeds), steps=steps, device=dev)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 import dopsd_ref
 from dopsd_ref.preflight import PairedComparison, PreflightReport, paired_comparison
-from toy_models.context import ToyContext
+from toy_models.models.context import ToyContext
 from toy_models.finetune.config import FinetuneConfig
 from toy_models.finetune.reference import placement_matched_teacher
 from toy_models.finetune.targets import BUILTIN, TargetSet, load_targets
@@ -212,7 +212,7 @@ def add_preflight_flags(parser: argparse.ArgumentParser, prefix: str = "") -> No
 def run_preflight_cli(cfg: FinetuneConfig, args: argparse.Namespace, prefix: str = "",
                       out: str | Path | None = None) -> ToyPreflight:
     """Run, print the verdict with numbers, write ``preflight.png`` / ``preflight.json``, warn if not better."""
-    from toy_models.viz import save_grid
+    from toy_models.eval.viz import save_grid
 
     res = toy_preflight(cfg, seeds=getattr(args, f"{prefix}seeds"), margin=getattr(args, f"{prefix}margin"),
                         confidence=getattr(args, f"{prefix}confidence"))

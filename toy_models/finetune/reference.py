@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from toy_models.context import ToyContext
+from toy_models.models.context import ToyContext
 
 ContextModel = Callable[[Tensor, Tensor, ToyContext], Tensor]
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.concepts import concept_captions, concept_specs
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.world.concepts import concept_captions, concept_specs
 
 __all__ = ["TargetSet", "builtin_targets", "load_targets", "BUILTIN"]
 
-# built-in set name -> held-out concept of toy_models.concepts (rare tokens name it).
+# built-in set name -> held-out concept of toy_models.world.concepts (rare tokens name it).
 BUILTIN = {"concept:ell": "ell", "style:hstripe": "hstripe", "domain:pastel": "pastel"}
 
 
@@ -58,7 +58,7 @@ def load_targets(source: str, n: int = 12, seed: int = 0) -> TargetSet:
         raise FileNotFoundError(
             f"targets {source!r}: neither a built-in set ({sorted(BUILTIN)}) nor an existing folder"
         )
-    from toy_models.folder import load_pair_folder
+    from toy_models.world.folder import load_pair_folder
 
     pairs = load_pair_folder(path)
     return TargetSet(pairs.images, list(pairs.captions), None, str(path), [f"{path / s}" for s in pairs.sources])

@@ -42,14 +42,14 @@ from dopsd_ref import MicroBatch, NonFiniteLossError, SFTMicroBatch, StepConfig
 from dopsd_ref.checkpoint import (CheckpointError, TrainState, clean_stale, find_checkpoint, load_checkpoint, rng_state,
                                   save_checkpoint, set_rng_state)
 from dopsd_ref.train import apply_gradients
-from toy_models import vocab as V
-from toy_models.context import ToyContext
-from toy_models.dit import ToyDiT
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.models.dit import ToyDiT
 from toy_models.finetune.adapters import add_local_adapters
 from toy_models.finetune.config import FinetuneConfig, resume_changes
 from toy_models.finetune.reference import placement_matched_teacher
 from toy_models.finetune.targets import TargetSet, load_targets
-from toy_models.folder import shorten
+from toy_models.world.folder import shorten
 
 __all__ = ["Roles", "build_roles", "resolve_device", "run_finetune", "RunResult", "RunExistsError", "load_finetuned",
            "check_trainable_captions"]
@@ -204,8 +204,8 @@ def prior_samples(roles: Roles, cfg: FinetuneConfig, device: torch.device) -> Ta
     generator, so a resumed run draws the same pairs. The prompts come from a seed of their
     own (``data_seed + 17``), not the evaluation's known prompts.
     """
-    from toy_models import data as D
-    from toy_models.concepts import prior_specs
+    from toy_models.world import data as D
+    from toy_models.world.concepts import prior_specs
 
     specs = prior_specs(cfg.prior_images, cfg.data_seed + 17)
     captions = [D.caption(s) for s in specs]
@@ -221,7 +221,7 @@ def prior_samples(roles: Roles, cfg: FinetuneConfig, device: torch.device) -> Ta
 
 def load_model(path: str, device: torch.device) -> ToyDiT:
     """The model to fine-tune: a folder, or the name of a shipped one (``toy-dit-turbo4``)."""
-    from toy_models import hub
+    from toy_models.models import hub
 
     folder = Path(path) if Path(path).exists() else hub.weights_path(path)
     if not (folder / "model.safetensors").exists():

@@ -9,7 +9,7 @@ follows the classifier-free-guided velocity ``v_w = v(x, σ, c⁻) + w·(v(x, σ
 (guidance distillation, as in the real turbo models, which sample without CFG); the
 negative context ``c⁻`` is the caption with its shape word replaced by the rare token for
 text-only contexts, and the same caption without the reference for reference contexts
-(:func:`toy_models.guidance.guidance_negative`). The student (initialised from
+(:func:`toy_models.models.guidance.guidance_negative`). The student (initialised from
 the base) is trained so that one Euler step from a cached state lands on the next cached
 state: ``L = || v_θ(x_k, σ_k, c) − (x_{k+1} − x_k) / (σ_{k+1} − σ_k) ||²``.
 Contexts: text-only captions (student path) and caption + reference (teacher path, mostly
@@ -28,14 +28,14 @@ import torch
 from tqdm import tqdm
 
 from dopsd_ref.conventions import euler_step
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import ToyContext
-from toy_models.dit import ToyDiT
-from toy_models.guidance import guided_velocity
-from toy_models.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.models.dit import ToyDiT
+from toy_models.models.guidance import guided_velocity
+from toy_models.world.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
 from toy_models.recipes.common import EMA, base_parser, lr_at, setup, write_json
-from toy_models.sampling import noise_like
+from toy_models.models.sampling import noise_like
 
 
 def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float, aligned_p: float = 0.8,

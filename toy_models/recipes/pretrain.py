@@ -5,7 +5,7 @@
     python -m toy_models.recipes.pretrain --mixture v2 --init <v1 folder> --steps 6000 --lr 3e-4 ...
 
 Loss per sample: ``|| v_θ(x_σ, σ, c) − (ε − x0) ||²`` with ``x_σ = (1 − σ)·x0 + σ·ε``; the
-batch mixes text-only, reference-token and encoder-route contexts (toy_models.mixture).
+batch mixes text-only, reference-token and encoder-route contexts (toy_models.world.mixture).
 The EMA weights are written (HF folder) every ``--ckpt-every`` steps and at the end;
 ``training.json`` in the folder records command, config, seed, steps and wall-clock.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from toy_models.dit import TOY_DIT_SIZES, ToyDiT
-from toy_models.mixture import MIXTURES, pretrain_batch
+from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
+from toy_models.world.mixture import MIXTURES, pretrain_batch
 from toy_models.recipes.common import EMA, JsonLog, base_parser, fm_loss_sum, lr_at, setup, write_json
 
 
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="from this step on, references are aligned with probability --jitter-aligned (0 = never): "
                         "the teacher should carry the concept, not the target's placement")
     p.add_argument("--jitter-aligned", type=float, default=0.0, help="aligned share of references after --jitter-from")
-    p.add_argument("--mixture", default="v1", choices=sorted(MIXTURES), help="base-training mixture (toy_models.mixture)")
+    p.add_argument("--mixture", default="v1", choices=sorted(MIXTURES), help="base-training mixture (toy_models.world.mixture)")
+    p.add_argument("--no-ref-pos", action="store_true",
+                   help="reference tokens without 2-D positions (ToyDiTConfig.ref_pos=False): a position-free set")
     p.add_argument("--init", default="", help="start from this model folder's weights (a continuation, e.g. v2 from v1)")
     args = p.parse_args(argv)
     setup(args)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     log = JsonLog(state_path.parent / "log.jsonl")
     mix = MIXTURES[args.mixture]
     late_mix = dataclasses.replace(mix, p_ref=args.late_p_ref)
-    model = TOY_DIT_SIZES[args.size]().to(args.device)
+    model = TOY_DIT_SIZES[args.size](ref_pos=not args.no_ref_pos).to(args.device)
     if args.init:
         model.load_state_dict(ToyDiT.from_pretrained(args.init).state_dict())
     ema = EMA(model, args.ema)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m toy_models.recipes.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "size": args.size, "steps_done": step, "steps_planned": args.steps,
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
-            "mixture_name": args.mixture, "init": args.init, "init_training": init_training,
+            "ref_pos": not args.no_ref_pos, "mixture_name": args.mixture, "init": args.init, "init_training": init_training,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),
             "history": args.history, "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
             "jitter_from": args.jitter_from, "jitter_aligned": args.jitter_aligned,

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.evaluator import HEADS, EvaluatorConfig, ToyEvaluator, labels_of
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.eval.evaluator import HEADS, EvaluatorConfig, ToyEvaluator, labels_of
 from toy_models.recipes.common import base_parser, lr_at, setup, write_json
 
 ALL_SHAPES = V.KNOWN_SHAPES + (V.NOVEL_SHAPE, "glyph")

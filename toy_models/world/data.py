@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toy_models import vocab as V
+from toy_models.world import vocab as V
 
 RES = 16
 SUPERSAMPLE = 4

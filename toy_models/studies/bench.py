@@ -1,6 +1,6 @@
 """Benchmarks: what a D-OPSD step costs, how it grows with K, batch and resolution.
 
-    python -m toy_models.bench [--out outputs/bench] [--device auto] [--quick]
+    python -m toy_models.studies.bench [--out outputs/bench] [--device auto] [--quick]
 
 Measured in one run, on the toy DiT (and on a tiny real Z-Image transformer from
 ``paper_repro`` when diffusers is installed):
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 import dopsd_ref
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 
 # ----------------------------------------------------------------------------- cases
 
@@ -53,7 +53,7 @@ class Case:
 
 
 def _toy(case: Case, device: torch.device):
-    from toy_models.dit import toy_dit_s
+    from toy_models.models.dit import toy_dit_s
 
     torch.manual_seed(0)
     model = toy_dit_s(img_size=case.res).to(device)
@@ -222,7 +222,7 @@ def _memory_subprocess(case: Case, mode: str, device: str) -> float:
     import os
 
     code = (
-        "import json, sys; from toy_models.bench import Case, memory_case; "
+        "import json, sys; from toy_models.studies.bench import Case, memory_case; "
         f"print(json.dumps(memory_case(Case(**{asdict(case)!r}), {mode!r}, {device!r})))"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -251,7 +251,7 @@ def _memory(case: Case, mode: str, device: torch.device) -> float:
 @torch.no_grad()
 def sampler_throughput(device: torch.device, n: int = 256, steps: int = 4, repeat: int = 3) -> float:
     """Toy images per second at ``steps`` Euler steps, batch ``n``."""
-    from toy_models.dit import toy_dit_s
+    from toy_models.models.dit import toy_dit_s
 
     model = toy_dit_s().to(device).eval()
     ctx = ToyContext(V.tokenize(["large red circle on white"] * n)).to(device)
@@ -263,7 +263,7 @@ def sampler_throughput(device: torch.device, n: int = 256, steps: int = 4, repea
 
 def teacher_overhead(device: torch.device, batch: int = 8, repeat: int = 5) -> dict[str, float]:
     """Teacher forward: LoRA adapter switching on the student's network vs a separate copy."""
-    from toy_models.dit import toy_dit_s
+    from toy_models.models.dit import toy_dit_s
     from toy_models.finetune.adapters import add_local_adapters
     from toy_models.finetune.train import RARE_IDS
 
@@ -286,7 +286,7 @@ def profile_report(device: torch.device, rows: int = 15) -> str:
     """torch.profiler tables (top ops by self CPU time) of toy sampling and one D-OPSD step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from toy_models.dit import toy_dit_s
+    from toy_models.models.dit import toy_dit_s
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     model = toy_dit_s().to(device)

@@ -1,11 +1,11 @@
 """The full experiment suite: concept, style and domain fine-tuning, baselines and ablations.
 
-    python -m toy_models.experiments concept    [--train-seeds 2] [--gen-seeds 3] [--steps 150]
-    python -m toy_models.experiments style
-    python -m toy_models.experiments domain     # full-parameter fine-tuning to the pastel domain
-    python -m toy_models.experiments ablations  # teacher modes, loss space, K, gradient strategy,
+    python -m toy_models.studies.experiments concept    [--train-seeds 2] [--gen-seeds 3] [--steps 150]
+    python -m toy_models.studies.experiments style
+    python -m toy_models.studies.experiments domain     # full-parameter fine-tuning to the pastel domain
+    python -m toy_models.studies.experiments ablations  # teacher modes, loss space, K, gradient strategy,
                                                 # teacher reference (moved vs raw target), σ = 1 step
-    python -m toy_models.experiments scopes     # what is trained: prompt-gated LoRA, token-local
+    python -m toy_models.studies.experiments scopes     # what is trained: prompt-gated LoRA, token-local
                                                 # k/v LoRA, all parameters (known-concept damage)
 
 Every run is evaluated at 4 steps (and SFT also at 32) over ``--gen-seeds`` generation seeds
@@ -17,16 +17,16 @@ The paper's protocol, in miniature (default ``--train-seeds 3 --gen-seeds 3``; e
 ``--out/<command>.md``, ``.json`` and, where it draws one, ``.png``; ``--out`` defaults to
 ``docs/results``; ``--fast`` is a tiny smoke mode: 2 steps, 1 seed, a handful of prompts)::
 
-    python -m toy_models.experiments lora_table  # LoRA customization: base, SFT, SFT on teacher
+    python -m toy_models.studies.experiments lora_table  # LoRA customization: base, SFT, SFT on teacher
                                                  # samples, off-policy distillation, DreamBooth
                                                  # (prior preservation), D-OPSD; ungated LoRA on
                                                  # attention + MLP, plus the prompt-gated adapter
-    python -m toy_models.experiments full_table  # all parameters, held-out pastel domain
-    python -m toy_models.experiments curves      # metric vs step: strategies and teacher kinds,
+    python -m toy_models.studies.experiments full_table  # all parameters, held-out pastel domain
+    python -m toy_models.studies.experiments curves      # metric vs step: strategies and teacher kinds,
                                                  # steps to threshold, area under the curve
-    python -m toy_models.experiments lr_sweep    # learning rates of D-OPSD and SFT: fidelity vs
+    python -m toy_models.studies.experiments lr_sweep    # learning rates of D-OPSD and SFT: fidelity vs
                                                  # retention frontier, matched-fidelity comparison
-    python -m toy_models.experiments options     # reconstruction loss λ and the K curriculum
+    python -m toy_models.studies.experiments options     # reconstruction loss λ and the K curriculum
 
 Their paired differences to D-OPSD are computed per training seed (mean over its generation
 seeds) and the 95% t-interval is taken over training seeds (with one training seed: over
@@ -48,11 +48,11 @@ import numpy as np
 
 from dopsd_ref import NonFiniteLossError
 from toy_models.finetune.config import FinetuneConfig
-from toy_models.finetune.evaluate import eval_prompts, evaluate_student, load_evaluator
+from toy_models.finetune.evaluate import METRICS as EVAL_METRICS, make_eval_prompts, evaluate_student, load_evaluator
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import run_finetune
 
-METRICS = ("concept_acc", "unseen_acc", "known_acc", "known_fid", "known_palette", "concept_palette", "concept_fid")
+METRICS = tuple(key for key, _ in EVAL_METRICS)  # column keys of the suite tables
 # two-sided 95% t quantiles for df = 1..30 (beyond: normal)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -126,7 +126,7 @@ def run_suite(name: str, train_seeds: int, gen_seeds: int, steps: int, out: Path
     base_changes, variants = suite(name)
     cfg0 = FinetuneConfig(steps=steps, device=device, ckpt_every=0, model=model, **base_changes)
     targets = load_targets(cfg0.data, cfg0.num_targets, cfg0.data_seed)
-    prompts = eval_prompts(targets)
+    prompts = make_eval_prompts(targets)
     ev = load_evaluator()
     # per_seed[variant] = list over (train seed, gen seed) of metric dicts
     per_seed: dict[str, list[dict[str, float]]] = {}
@@ -153,7 +153,7 @@ def run_suite(name: str, train_seeds: int, gen_seeds: int, steps: int, out: Path
                       "diff_vs_ref": mean_ci(diffs)[0], "diff_ci": mean_ci(diffs)[1]}
         rows[v.name] = row
     lines = [f"# {name} suite", "",
-             f"`python -m toy_models.experiments {name} --train-seeds {train_seeds} --gen-seeds {gen_seeds} --steps {steps}`"
+             f"`python -m toy_models.studies.experiments {name} --train-seeds {train_seeds} --gen-seeds {gen_seeds} --steps {steps}`"
              f" ({time.time() - t0:.0f} s). Mean over {train_seeds} training × {gen_seeds} generation seeds; "
              f"in brackets: paired difference to {ref!r} ± 95% CI.", "",
              "| variant | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
@@ -224,7 +224,7 @@ class Protocol:
                               **{**changes, **small} if self.fast else changes)
 
     def prompts(self, targets):
-        return eval_prompts(targets, n_unseen=2, n_known=4) if self.fast else eval_prompts(targets)
+        return make_eval_prompts(targets, n_unseen=2, n_known=4) if self.fast else make_eval_prompts(targets)
 
     def gen_seed_list(self, ts: int) -> list[int]:
         return [100 * ts + g for g in range(self.gen_seeds)]
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         proto = Protocol(a.train_seeds or 3, a.gen_seeds, a.steps, a.device, a.model, False, a.eval_every)
     lrs = tuple(float(v) for v in a.lrs.split(",")) if a.lrs else ((1e-3, 1e-2) if a.fast else None)
-    command = "python -m toy_models.experiments " + " ".join(argv)
+    command = "python -m toy_models.studies.experiments " + " ".join(argv)
     run_command(a.suite, proto, Path(a.out or "docs/results"), command, a.scope, lrs, a.threshold)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toy_models import data as D
+from toy_models.world import data as D
 
 
 def _sqrtm_psd(a: Tensor) -> Tensor:

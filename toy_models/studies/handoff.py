@@ -14,8 +14,8 @@ teacher's clean-image prediction ``x̂0 = x_{σ_j} − σ_j·v_teacher`` at each
 student's own trajectory (what D-OPSD regresses the student's x̂0 onto, here with the raw
 target; the toy fine-tuning's default teacher sees it moved, :mod:`toy_models.finetune.reference`).
 
-    python -m toy_models.handoff --concept hstripe      # the held-out fill style
-    python -m toy_models.handoff --concept ell          # the held-out shape
+    python -m toy_models.studies.handoff --concept hstripe      # the held-out fill style
+    python -m toy_models.studies.handoff --concept ell          # the held-out shape
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from dopsd_ref.conventions import euler_step
-from toy_models import data as D
-from toy_models import metrics as M
-from toy_models import vocab as V
-from toy_models.concepts import concept_specs
-from toy_models.context import ToyContext
-from toy_models.evaluator import ToyEvaluator
-from toy_models.sampling import noise_like
+from toy_models.world import data as D
+from toy_models.eval import metrics as M
+from toy_models.world import vocab as V
+from toy_models.world.concepts import concept_specs
+from toy_models.models.context import ToyContext
+from toy_models.eval.evaluator import ToyEvaluator
+from toy_models.models.sampling import noise_like
 
 HEADS = {"ell": "shape", "hstripe": "style"}
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from toy_models.hub import load_evaluator, load_turbo
+    from toy_models.models.hub import load_evaluator, load_turbo
 
     steps = 4
     accs, x0_acc = handoff_accuracy(load_turbo(), load_evaluator(), a.concept, a.n, steps, a.seed)

@@ -9,7 +9,7 @@ and the student learns to follow it without guidance. The toy base was never tra
 an empty caption, so the negative context c⁻ is built from the positive one
 (:func:`guidance_negative`).
 
-    python -m toy_models.guidance --n 256 --steps 16      # the sweep quoted in toy_models/README.md
+    python -m toy_models.models.guidance --n 256 --steps 16      # the sweep quoted in toy_models/README.md
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 
 _SHAPE_IDS = torch.tensor([V.WORD_TO_ID[w] for w in V.KNOWN_SHAPES])
 
@@ -67,7 +67,7 @@ def guided_velocity(model: nn.Module, x: Tensor, sigma: Tensor, ctx: ToyContext,
 
 class GuidedDenoiser(nn.Module):
     """``model`` under guidance scale ``w``, with the velocity-model call signature, so the
-    samplers and evaluations in :mod:`toy_models.evaluate` take it unchanged."""
+    samplers and evaluations in :mod:`toy_models.eval.evaluate` take it unchanged."""
 
     def __init__(self, model: nn.Module, scale: float,
                  negative: Callable[[ToyContext], ToyContext] = guidance_negative) -> None:
@@ -81,8 +81,8 @@ class GuidedDenoiser(nn.Module):
 def sweep(model: nn.Module, n: int, steps: int, scales: Sequence[float], seed: int = 0) -> list[dict]:
     """Text-only shape accuracy / toy-FID / palette (both negatives) and aligned-reference copy
     accuracy of ``model`` sampled with ``steps`` Euler steps at each guidance scale."""
-    from toy_models.evaluate import copy_accuracy, eval_prompts, real_known
-    from toy_models.hub import load_evaluator
+    from toy_models.eval.evaluate import copy_accuracy, score_prompts, real_known
+    from toy_models.models.hub import load_evaluator
 
     ev = load_evaluator()
     known, real = D.specs(seed, n), real_known(n, seed + 777)
@@ -92,7 +92,7 @@ def sweep(model: nn.Module, n: int, steps: int, scales: Sequence[float], seed: i
         for w in scales:
             if w == 1.0 and name != "rare token":
                 continue
-            r = eval_prompts(GuidedDenoiser(model, w, neg), ev, known, steps, seed, real)
+            r = score_prompts(GuidedDenoiser(model, w, neg), ev, known, steps, seed, real)
             rows.append({"context": "text-only", "negative": name, "w": w, **r})
             print(json.dumps(rows[-1]), flush=True)
     for w in scales:
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from toy_models.dit import ToyDiT
-    from toy_models.hub import load_base
+    from toy_models.models.dit import ToyDiT
+    from toy_models.models.hub import load_base
 
     model = (load_base() if args.model is None else ToyDiT.from_pretrained(args.model)).eval()
     t0 = time.time()

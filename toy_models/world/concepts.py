@@ -7,7 +7,7 @@
 
 CLI (writes a user-style folder ``images/`` + ``captions.jsonl``)::
 
-    python -m toy_models.concepts --concept ell --n 12 --seed 0 --out runs/ell
+    python -m toy_models.world.concepts --concept ell --n 12 --seed 0 --out runs/ell
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from toy_models import data as D
-from toy_models import vocab as V
+from toy_models.world import data as D
+from toy_models.world import vocab as V
 
 CONCEPTS = ("ell", "hstripe", "pastel")
 
@@ -47,7 +47,7 @@ def prior_specs(n: int, seed: int) -> list[D.Spec]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from toy_models.folder import write_pair_folder
+    from toy_models.world.folder import write_pair_folder
 
     p = argparse.ArgumentParser(description="write a held-out concept as an images/ + captions.jsonl folder")
     p.add_argument("--concept", choices=CONCEPTS, required=True)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dopsd_ref.sampling import euler_sample
 from dopsd_ref.schedules import uniform_sigmas
 
-from toy_models.context import ToyContext
+from toy_models.models.context import ToyContext
 
 
 def noise_like(n: int, seed: int, shape: tuple[int, ...] = (3, 16, 16)) -> Tensor:

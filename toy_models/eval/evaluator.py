@@ -3,7 +3,7 @@
 Trained on procedural data that *includes* the held-out concepts (ell, hstripe, glyphs,
 the pastel domain) — which the diffusion model never sees — so it can score them. Heads:
 shape (6 known + ell + glyph), colour, background, fill style, size, domain. The 128-d
-pooled penultimate features define the toy-FID space (toy_models.metrics).
+pooled penultimate features define the toy-FID space (toy_models.eval.metrics).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from toy_models import data as D
-from toy_models import vocab as V
+from toy_models.world import data as D
+from toy_models.world import vocab as V
 
 HEADS: dict[str, tuple[str, ...]] = {
     "shape": V.KNOWN_SHAPES + (V.NOVEL_SHAPE, "glyph"),

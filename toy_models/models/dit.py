@@ -8,6 +8,7 @@ Architecture (hourglass DiT):
     h0     = ResBlock_c(Conv3x3(x))                              # [B, C, 16, 16] (skip)
     z      = Patchify2x2(h0) + pos2d                             # [B, 64, D]
     r      = Patchify2x2(ResBlock_0(Conv3x3(ref))) + pos2d + e_ref   # [B, 64, D], tokens route
+                                                                 # (no pos2d when ref_pos=False)
     [z; r] = DiTBlock_c([z; r], text) × depth                    # adaLN-Zero self-attn over
                                                                  # latent+ref tokens, cross-attn
                                                                  # to text, depthwise-conv MLP
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from toy_models.context import ToyContext
-from toy_models.layers import Attention, SigmaEmbed, modulate, sincos_2d
-from toy_models.text_encoder import ToyTextEncoder
-from toy_models.vocab import MAX_TOKENS, VOCAB_SIZE
+from toy_models.models.context import ToyContext
+from toy_models.models.layers import Attention, SigmaEmbed, modulate, sincos_2d
+from toy_models.models.text_encoder import ToyTextEncoder
+from toy_models.world.vocab import MAX_TOKENS, VOCAB_SIZE
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ToyDiTConfig:
     hi_blocks: int = 2  # FiLM ResBlocks at full resolution in the stem
     head_blocks: int = 2  # FiLM ResBlocks at full resolution in the head
     lo_blocks: int = 1  # FiLM ResBlocks at token resolution, before and after the transformer
+    ref_pos: bool = True  # reference tokens get the latents' 2-D positions (False: a position-free set)
 
 
 class ResBlock(nn.Module):
@@ -145,15 +147,16 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         nn.init.zeros_(self.conv_out.bias)
 
     # -- helpers ------------------------------------------------------------
-    def _encode(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """Image → (full-resolution skip features [B,C,H,W], tokens [B,g²,D])."""
+    def _encode(self, x: Tensor, c: Tensor, pos: bool = True) -> tuple[Tensor, Tensor]:
+        """Image → (full-resolution skip features [B,C,H,W], tokens [B,g²,D] (+ 2-D positions if ``pos``))."""
         h0 = self.stem(self.conv_in(x), c)
         for blk in self.stem_more:
             h0 = blk(h0, c)
         h = self.patchify(h0)  # [B,D,g,g]
         for blk in self.down:
             h = blk(h, c)
-        return h0, h.flatten(2).transpose(1, 2) + self.pos
+        tokens = h.flatten(2).transpose(1, 2)  # [B,g²,D]
+        return h0, tokens + self.pos if pos else tokens
 
     def _unpatchify(self, z: Tensor) -> Tensor:
         B, N, _ = z.shape
@@ -177,7 +180,7 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         n_lat = z.shape[1]
         if context.ref is not None and context.route == "tokens":
             c0 = self.sigma_embed(torch.zeros_like(sigma))
-            r = self._encode(context.ref.to(x.dtype), c0)[1] + self.ref_type
+            r = self._encode(context.ref.to(x.dtype), c0, pos=self.config.ref_pos)[1] + self.ref_type
             z = torch.cat([z, r], 1)  # [B,128,D]
         for blk in self.blocks:
             z = blk(z, c, text, tmask)

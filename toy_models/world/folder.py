@@ -34,8 +34,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from toy_models import vocab as V
-from toy_models.data import RES
+from toy_models.world import vocab as V
+from toy_models.world.data import RES
 
 
 class DatasetFolderError(ValueError):

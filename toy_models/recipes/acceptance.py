@@ -1,6 +1,6 @@
 """Acceptance measurements of the shipped toy weights and the model cards.
 
-    python -m toy_models.acceptance --n 512 --seed 0 --write-cards
+    python -m toy_models.recipes.acceptance --n 512 --seed 0 --write-cards
 
 Measures (all with the evaluator; images sampled with the uniform Euler grid):
 1. text-only known concepts: base @ 32 and @ 4 steps, 4-step model @ 4 steps — shape and
@@ -15,7 +15,7 @@ Measures (all with the evaluator; images sampled with the uniform Euler grid):
    (full parameters), then the text-only numbers of (1) and ``sks``→ell again;
 5. speed: wall-clock of 64 images at 4 steps.
 Results go to ``toy_models/weights/acceptance.json`` and, with ``--write-cards``, into
-each model folder's README.md (toy_models.cards).
+each model folder's README.md (toy_models.recipes.cards).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from toy_models import data as D
-from toy_models import metrics as M
-from toy_models import vocab as V
-from toy_models.concepts import concept_captions, concept_specs
-from toy_models.context import ToyContext
-from toy_models.evaluate import copy_accuracy, eval_prompts, raw_target_teacher, real_known
-from toy_models.hub import WEIGHTS_DIR, load_base, load_evaluator, load_turbo
+from toy_models.world import data as D
+from toy_models.eval import metrics as M
+from toy_models.world import vocab as V
+from toy_models.world.concepts import concept_captions, concept_specs
+from toy_models.models.context import ToyContext
+from toy_models.eval.evaluate import copy_accuracy, score_prompts, raw_target_teacher, real_known
+from toy_models.models.hub import WEIGHTS_DIR, load_base, load_evaluator, load_turbo
 from toy_models.recipes.common import fm_loss_sum, write_json
-from toy_models.sampling import sample
+from toy_models.models.sampling import sample
 
 TARGETS = {
     "turbo_known_shape_acc_min": 0.90,
@@ -81,9 +81,9 @@ def run(n: int, seed: int, sft_steps: int, sft_lr: float, sft_targets: int, skip
 
     print("== text-only known concepts")
     res["text_only"] = {
-        "base@32": eval_prompts(base, ev, known, 32, seed, real),
-        "base@4": eval_prompts(base, ev, known, 4, seed, real),
-        "turbo@4": eval_prompts(turbo, ev, known, 4, seed, real),
+        "base@32": score_prompts(base, ev, known, 32, seed, real),
+        "base@4": score_prompts(base, ev, known, 4, seed, real),
+        "turbo@4": score_prompts(turbo, ev, known, 4, seed, real),
     }
     print(json.dumps(res["text_only"], indent=1))
 
@@ -125,7 +125,7 @@ def run(n: int, seed: int, sft_steps: int, sft_lr: float, sft_targets: int, skip
             "targets": sft_targets, "steps": sft_steps, "lr": sft_lr, "params": "all",
             "wall_clock_s": round(time.time() - t1, 1),
             "before": {**res["text_only"]["turbo@4"], "sks_to_ell": cd["turbo@4"]["text_only/ell"]["acc"]},
-            "after": {**eval_prompts(tuned, ev, known, 4, seed, real),
+            "after": {**score_prompts(tuned, ev, known, 4, seed, real),
                       "sks_to_ell": copy_accuracy(tuned, ev, ell, 4, "exact", None, seed)["acc"]},
         }
         print(json.dumps(res["sft"], indent=1))
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a.n, a.seed, a.sft_steps, a.sft_lr, a.sft_targets, a.skip_sft)
-    res["command"] = "python -m toy_models.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = "python -m toy_models.recipes.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(Path(a.out), res)
     print(json.dumps(res["checks"], indent=1))
     if a.write_cards:
-        from toy_models.cards import write_all_cards
+        from toy_models.recipes.cards import write_all_cards
         write_all_cards(res)
 
 

@@ -1,7 +1,7 @@
 """Model cards (README.md) for the shipped toy weights, written from recorded numbers.
 
 Every number comes from the folder's ``training.json`` (recipe command, seed, wall-clock)
-and from ``acceptance.json`` (measured by ``python -m toy_models.acceptance``); nothing is
+and from ``acceptance.json`` (measured by ``python -m toy_models.recipes.acceptance``); nothing is
 typed by hand. Called by the acceptance script with ``--write-cards``.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from toy_models.hub import BASE, EVALUATOR, TURBO, WEIGHTS_DIR
+from toy_models.models.hub import BASE, EVALUATOR, TURBO, WEIGHTS_DIR
 
 DESCRIPTIONS = {
     BASE: ("Base flow-matching toy DiT (text + in-context reference), the 'pre-trained model' of the toy world. "
@@ -45,7 +45,7 @@ def card(name: str, acc: dict) -> str:
     front = ["---", "library_name: dopsd-ref", "tags:", "- dopsd-ref", "- toy", "- model_hub_mixin", "---", ""]
     body = [f"# {name}", "", DESCRIPTIONS[name], "",
             "## Load (offline, no network call)", "", "```python",
-            "from toy_models.hub import load_base, load_turbo, load_evaluator",
+            "from toy_models.models.hub import load_base, load_turbo, load_evaluator",
             f"model = {'load_base' if name == BASE else 'load_turbo' if name == TURBO else 'load_evaluator'}()"
             f"  # == {'ToyEvaluator' if name == EVALUATOR else 'ToyDiT'}.from_pretrained('toy_models/weights/{name}')",
             "```", "",
@@ -60,7 +60,7 @@ def card(name: str, acc: dict) -> str:
         body.append(f"- held-out clean-render accuracy per head: {json.dumps({k: round(v, 3) for k, v in tr['heldout_clean_accuracy'].items()})}")
     body += ["", "## Config", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     if acc:
-        body += ["## Measured (toy_models.acceptance)", "",
+        body += ["## Measured (toy_models.recipes.acceptance)", "",
                  f"Command: `{acc.get('command', '')}`; n = {acc['n']} prompts, seed {acc['seed']}. "
                  f"Real-vs-real toy-FID floor: {acc['real_vs_real_toy_fid']}; real palette distance: {acc['real_palette']}.", "",
                  "Text-only known concepts:", "", _table(acc["text_only"]), ""]

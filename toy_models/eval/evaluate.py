@@ -2,7 +2,7 @@
 
 All functions sample with the K-step uniform Euler sampler and score with the evaluator:
 
-- :func:`eval_prompts` — text-only prompts: shape/colour accuracy, toy-FID vs real renders,
+- :func:`score_prompts` — text-only prompts: shape/colour accuracy, toy-FID vs real renders,
   palette distance;
 - :func:`copy_accuracy` — the in-context (teacher) diagnostic: caption with the rare token
   + a reference image; the evaluator must see the reference's concept;
@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from toy_models import data as D
-from toy_models import metrics as M
-from toy_models import vocab as V
-from toy_models.context import ToyContext
-from toy_models.evaluator import ToyEvaluator
-from toy_models.sampling import sample
+from toy_models.world import data as D
+from toy_models.eval import metrics as M
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
+from toy_models.eval.evaluator import ToyEvaluator
+from toy_models.models.sampling import sample
 
 PLACEMENTS = ("exact", "aligned", "jittered")
 
@@ -34,7 +34,7 @@ def real_known(n: int, seed: int = 12345) -> Tensor:
     return D.render_batch(D.specs(seed, n))
 
 
-def eval_prompts(
+def score_prompts(
     model: nn.Module,
     evaluator: ToyEvaluator,
     specs: Sequence[D.Spec],
@@ -131,12 +131,12 @@ def raw_target_teacher(
 ) -> dict[str, float]:
     """The in-context teacher given the RAW target (what D-OPSD's teacher sees, no move).
 
-    Targets are the held-out concept's specs (toy_models.concepts), captions name the concept
+    Targets are the held-out concept's specs (toy_models.world.concepts), captions name the concept
     with its rare token (pastel: the ordinary caption). Returns ``acc`` (the concept's head:
     shape ``ell`` / style ``hstripe`` / domain ``pastel``), ``shape_acc`` (the prompt's shape
     is kept), ``color_acc`` and :func:`placement_overlap`.
     """
-    from toy_models.concepts import concept_captions, concept_specs
+    from toy_models.world.concepts import concept_captions, concept_specs
 
     head, value = RAW_TARGET_CONCEPTS[concept]
     targets = concept_specs(concept, n, seed + 21)
@@ -150,3 +150,42 @@ def raw_target_teacher(
         "color_acc": M.accuracy(pred["color"], [t.color for t in targets]),
         **placement_overlap(x, targets, seed),
     }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Teacher diagnostic of any model folder (e.g. an intermediate base checkpoint)::
+
+        python -m toy_models.eval.evaluate --model runs/base-v2/toy-dit-base --steps 16 --guidance 3 --n 128
+
+    Prints JSON: the raw-target teacher on the held-out L, stripes and pastel domain
+    (:func:`raw_target_teacher`), text-only known prompts, and copying trained shapes from a
+    jittered reference.
+    """
+    import argparse
+    import json
+
+    from toy_models.models.dit import ToyDiT
+    from toy_models.models.guidance import GuidedDenoiser
+    from toy_models.models.hub import load_evaluator
+
+    p = argparse.ArgumentParser(description="teacher diagnostic of a toy model folder")
+    p.add_argument("--model", required=True, help="HF-style model folder")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1 = none; the distillation's is 3)")
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model: nn.Module = ToyDiT.from_pretrained(a.model).eval()
+    if a.guidance != 1.0:
+        model = GuidedDenoiser(model, a.guidance).eval()
+    ev = load_evaluator()
+    out = {c: raw_target_teacher(model, ev, c, a.n, a.steps, a.seed) for c in RAW_TARGET_CONCEPTS}
+    out["text_only"] = score_prompts(model, ev, D.specs(a.seed, a.n), a.steps, a.seed)
+    out["copy_trained_jittered"] = copy_accuracy(model, ev, D.specs(a.seed + 13, a.n), a.steps, "jittered", "tokens", a.seed)
+    print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in out.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

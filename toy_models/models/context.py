@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from toy_models.vocab import tokenize
+from toy_models.world.vocab import tokenize
 
 ROUTES = ("tokens", "encoder")
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from toy_models.layers import EncoderLayer, sincos_2d
+from toy_models.models.layers import EncoderLayer, sincos_2d
 
 
 class ToyTextEncoder(nn.Module):

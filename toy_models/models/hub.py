@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from toy_models.dit import ToyDiT
-from toy_models.evaluator import ToyEvaluator
+from toy_models.models.dit import ToyDiT
+from toy_models.eval.evaluator import ToyEvaluator
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 BASE = "toy-dit-base"
 TURBO = "toy-dit-turbo4"
 EVALUATOR = "toy-evaluator"

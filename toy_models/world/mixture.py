@@ -21,7 +21,7 @@ weights) adds what a VLM's in-context ability carries and v1 lacked:
 - procedural periodic fills (``style="pattern"``, rare token ``zwx``), half of them on a
   reference of another shape, so "the reference's fill" is separated from its shape;
 - domains: a share of pairs is restyled into a random procedural domain
-  (:func:`toy_models.data.random_domain`, never near the held-out pastel), target and
+  (:func:`toy_models.world.data.random_domain`, never near the held-out pastel), target and
   reference alike, with the reference showing the caption's colour and background; plus
   domain-only pairs whose reference has another shape and the caption names the shape —
   the output domain is always the reference's.
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toy_models import data as D
-from toy_models import vocab as V
-from toy_models.context import ToyContext
+from toy_models.world import data as D
+from toy_models.world import vocab as V
+from toy_models.models.context import ToyContext
 
 
 @dataclass(frozen=True)

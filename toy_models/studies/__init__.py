@@ -1,0 +1,1 @@
+"""Studies built on the core and the toy: the experiment suites, the hand-off diagnostic, the benchmark."""
