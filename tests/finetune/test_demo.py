@@ -77,18 +77,11 @@ def test_demo_ungated_lora_option_measures_retention(tmp_path):
     """--scope lora trains the ungated adapter (active for every prompt) for both methods and
     reports retention on known prompts as measured differences to the base; the default stays
     the prompt-gated adapter, whose known prompts equal the base's (difference exactly 0)."""
-    import torch
+    from finetune_fixtures import tiny_model
 
     from toy_models.demo import main
-    from toy_models.models.dit import toy_dit_xs
 
-    torch.manual_seed(0)
-    m = toy_dit_xs()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if ("ada" in name or "conv_out" in name) and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    m.save_pretrained(tmp_path / "tiny")
+    tiny_model().save_pretrained(tmp_path / "tiny")
     common = ["--model", str(tmp_path / "tiny"), "--steps", "2", "--eval-every", "2", "--seeds", "2", "--sft-factor", "1",
               "--device", "cpu", "--lr", "0.05"]
     lora = main(common + ["--scope", "lora", "--out", str(tmp_path / "lora")])

@@ -78,24 +78,6 @@ def test_curve_statistics():
     assert frontier_at([(0.2, 0.9)], 0.5) != frontier_at([(0.2, 0.9)], 0.5)  # NaN: no run reaches it
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random toy DiT (its zero-initialised output gates perturbed so training moves it)."""
-    import torch
-
-    from toy_models.models.dit import toy_dit_xs
-
-    torch.manual_seed(0)
-    m = toy_dit_xs()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if ("ada" in name or "conv_out" in name) and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    m.save_pretrained(path)
-    return path
-
-
 EXPECTED_ROWS = {
     "lora_table": ["base (no fine-tuning)", "SFT", "SFT on teacher samples", "off-policy distillation",
                    "DreamBooth (prior preservation)", "D-OPSD", "SFT, prompt-gated LoRA", "D-OPSD, prompt-gated LoRA"],
@@ -109,14 +91,14 @@ EXPECTED_ROWS = {
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_protocol_command_fast_mode_writes_its_table(tmp_path, tiny_dir, command):
+def test_protocol_command_fast_mode_writes_its_table(tmp_path, tiny_model_dir, command):
     """Each protocol command in --fast mode trains its rows, writes <command>.md (with the exact
     command that produced it and every row), <command>.json (the same command, per-seed values)
     and, for curves and lr_sweep, the PNG plot."""
     from toy_models.studies.experiments import main
 
     out = tmp_path / "results"
-    argv = [command, "--fast", "--model", str(tiny_dir), "--out", str(out), "--device", "cpu"]
+    argv = [command, "--fast", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu"]
     main(argv)
     md = (out / f"{command}.md").read_text()
     assert f"`python -m toy_models.studies.experiments {' '.join(argv)}`" in md and "fast smoke mode" in md
@@ -136,7 +118,7 @@ def test_protocol_command_fast_mode_writes_its_table(tmp_path, tiny_dir, command
         assert {"concept_dino_d", "known_acc", "known_fid"} <= set(data["rows"][ref])
 
 
-def test_lr_sweep_records_a_diverged_run_and_goes_on(tmp_path, tiny_dir, monkeypatch):
+def test_lr_sweep_records_a_diverged_run_and_goes_on(tmp_path, tiny_model_dir, monkeypatch):
     """A learning rate whose loss turns NaN is recorded as diverged (n/a, excluded from the
     frontier) and the sweep still trains and reports every other run."""
     import toy_models.studies.experiments as E
@@ -150,7 +132,8 @@ def test_lr_sweep_records_a_diverged_run_and_goes_on(tmp_path, tiny_dir, monkeyp
         return orig(proto, cfg, targets, evaluate)
 
     monkeypatch.setattr(E, "_train", train)
-    proto = E.Protocol(train_seeds=1, gen_seeds=1, steps=1, device="cpu", model=str(tiny_dir), fast=True, progress=False)
+    proto = E.Protocol(train_seeds=1, gen_seeds=1, steps=1, device="cpu", model=str(tiny_model_dir), fast=True,
+                       progress=False)
     E.lr_sweep(proto, tmp_path, "cmd", "lora", (1e-3, 1e-2))
     md = (tmp_path / "lr_sweep.md").read_text()
     assert "| D-OPSD, lr 0.01 | n/a | n/a |" in md

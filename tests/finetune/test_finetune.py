@@ -7,32 +7,13 @@ import json
 
 import pytest
 import torch
+from finetune_fixtures import probe_random_student, tiny_model
 
 import dopsd_ref
 from toy_models.world import vocab as V
-from toy_models.models.context import ToyContext
-from toy_models.models.dit import toy_dit_xs
 from toy_models.finetune.adapters import add_local_adapters
 from toy_models.finetune.config import load_config
 from toy_models.finetune.train import RARE_IDS, run_finetune
-
-
-def _tiny_model():
-    """A tiny DiT whose zero-initialised gates are perturbed so that every input matters."""
-    torch.manual_seed(0)
-    m = toy_dit_xs()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if ("ada" in name or "conv_out" in name) and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return m
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    _tiny_model().save_pretrained(path)
-    return path
 
 
 def _cfg(tmp, model_dir, **kw):
@@ -46,18 +27,13 @@ def test_local_adapter_leaves_other_prompts_unchanged(scope):
     """With a local scope (rare-token positions, or prompts containing a rare token), any
     adapter weights leave prompts without a rare token exactly as the base model computes
     them — in the same batch as prompts with one, which they change."""
-    base = _tiny_model()
-    wrapped = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope=scope)
-    with torch.no_grad():
-        for p in wrapped.student_parameters():
-            p.normal_()
-    x, s = torch.randn(2, 3, 16, 16), torch.rand(2)
-    ctx = ToyContext(V.tokenize(["small red circle on black", f"large blue {V.SHAPE_TOKEN} on white"]))
-    with torch.no_grad():
-        diff = (wrapped(x, s, ctx) - base(x, s, ctx)).abs().flatten(1).amax(1)
+    base = tiny_model()
+    wrapped = add_local_adapters(tiny_model(), RARE_IDS, rank=2, scope=scope)
+    out = probe_random_student(wrapped, base)
+    diff = out.student_gap()
     assert diff[0] == 0 and diff[1] > 1e-4
     # the teacher adapter (still at its initial B = 0, δ = 0) equals the base everywhere
-    assert torch.allclose(wrapped.teacher_forward(x, s, ctx), base(x, s, ctx), atol=1e-6)
+    assert torch.allclose(out.teacher, out.base, atol=1e-6)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all(".student" in n for n in trainable)
 
@@ -65,13 +41,13 @@ def test_local_adapter_leaves_other_prompts_unchanged(scope):
 def test_prompt_gated_scope_adapts_attention_and_mlp():
     """The prompt-gated scope adds LoRA to self-attention, cross-attention and the MLP of
     every block (image-pathway capacity), token_kv only to the cross-attention k/v."""
-    gated = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="prompt_gated")
-    kv = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="token_kv")
+    gated = add_local_adapters(tiny_model(), RARE_IDS, rank=2, scope="prompt_gated")
+    kv = add_local_adapters(tiny_model(), RARE_IDS, rank=2, scope="token_kv")
     names = lambda m: {n.split(".lora_A")[0].split("blocks.")[-1][2:] for n, _ in m.named_parameters() if "lora_A.student" in n}
     assert names(gated) == {"attn.q", "attn.kv", "attn.proj", "cross.q", "cross.kv", "cross.proj", "fc1", "fc2"}
     assert names(kv) == {"cross.kv"}
     with pytest.raises(ValueError, match="scope"):
-        add_local_adapters(_tiny_model(), RARE_IDS, scope="everything")
+        add_local_adapters(tiny_model(), RARE_IDS, scope="everything")
 
 
 @pytest.mark.parametrize("method", ["dopsd", "sft"])

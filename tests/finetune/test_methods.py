@@ -6,33 +6,15 @@ All on a tiny randomly initialised toy DiT (no shipped weights needed).
 
 import pytest
 import torch
+from finetune_fixtures import probe_random_student, tiny_model
 
 import dopsd_ref
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
-from toy_models.models.dit import toy_dit_xs
 from toy_models.finetune.adapters import add_local_adapters
 from toy_models.finetune.config import load_config
 from toy_models.finetune.targets import load_targets
 from toy_models.finetune.train import RARE_IDS, build_roles, load_model, prior_samples, run_finetune, teacher_samples
-
-
-def _tiny_model():
-    """A tiny DiT whose zero-initialised gates are perturbed so that every input matters."""
-    torch.manual_seed(0)
-    m = toy_dit_xs()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if ("ada" in name or "conv_out" in name) and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return m
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    _tiny_model().save_pretrained(path)
-    return path
 
 
 def _cfg(model_dir, **kw):
@@ -138,19 +120,14 @@ def test_ungated_lora_changes_every_prompt():
     """scope='lora' adapts the same attention + MLP layers as the prompt-gated scope but with no
     gate: nonzero adapter weights change prompts without a rare token too (retention has to
     be measured); the teacher adapter at its initial B = 0 still equals the base."""
-    base = _tiny_model()
-    lora = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="lora")
-    gated = add_local_adapters(_tiny_model(), RARE_IDS, rank=2, scope="prompt_gated")
+    base = tiny_model()
+    lora = add_local_adapters(tiny_model(), RARE_IDS, rank=2, scope="lora")
+    gated = add_local_adapters(tiny_model(), RARE_IDS, rank=2, scope="prompt_gated")
     names = lambda m: {n.replace("lora", "") for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
     assert names(lora) == names(gated)
-    with torch.no_grad():
-        for p in lora.student_parameters():
-            p.normal_()
-    x, s = torch.randn(2, 3, 16, 16), torch.rand(2)
-    ctx = ToyContext(V.tokenize(["small red circle on black", f"large blue {V.SHAPE_TOKEN} on white"]))
-    with torch.no_grad():
-        diff = (lora(x, s, ctx) - base(x, s, ctx)).abs().flatten(1).amax(1)
-        assert torch.allclose(lora.teacher_forward(x, s, ctx), base(x, s, ctx), atol=1e-6)
+    out = probe_random_student(lora, base)
+    diff = out.student_gap()
+    assert torch.allclose(out.teacher, out.base, atol=1e-6)
     assert diff[0] > 1e-4 and diff[1] > 1e-4
 
 

@@ -12,7 +12,8 @@ import signal
 
 import pytest
 import torch
-from test_finetune import _cfg, _tiny_model
+from finetune_fixtures import tiny_model
+from test_finetune import _cfg
 
 import dopsd_ref
 from dopsd_ref import checkpoint as ck
@@ -23,7 +24,7 @@ from toy_models.finetune.train import run_finetune
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny"
-    _tiny_model().save_pretrained(path)
+    tiny_model().save_pretrained(path)
     return path
 
 

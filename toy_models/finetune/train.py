@@ -21,17 +21,14 @@ silently (``resume`` or ``overwrite``); Ctrl-C stops after the current step with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +37,7 @@ from tqdm.auto import tqdm
 import dopsd_ref
 from dopsd_ref import MicroBatch, NonFiniteLossError, SFTMicroBatch, StepConfig
 from dopsd_ref.checkpoint import (CheckpointError, TrainState, clean_stale, find_checkpoint, load_checkpoint, rng_state,
-                                  save_checkpoint, set_rng_state)
+                                  save_checkpoint, set_rng_state, stop_on_interrupt)
 from dopsd_ref.train import apply_gradients
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
@@ -304,31 +301,6 @@ def read_resume_state(ckpt_dir: Path, cfg: FinetuneConfig, say: Callable[[str], 
     state = load_checkpoint(found.path, verify=False)  # find_checkpoint verified it
     changed = resume_changes(state.extra.get("config", {}), cfg, state.step)
     return state, changed
-
-
-@contextlib.contextmanager
-def stop_on_interrupt(say: Callable[[str], None]) -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C into a request to stop after the current step (a second one aborts).
-
-    Yields a dict whose ``"stop"`` becomes True on the first SIGINT. Outside the main thread
-    (where signal handlers cannot be installed) Ctrl-C keeps its default behaviour.
-    """
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):  # noqa: ARG001
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
