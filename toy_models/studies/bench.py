@@ -105,14 +105,20 @@ def _time(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
     return statistics.median(ts)
 
 
-def time_case(case: Case, device: torch.device, repeat: int = 5) -> dict[str, float]:
-    """Times of the parts and of the whole D-OPSD step, and the ratios to the ideal and SFT."""
+def _case_inputs(case: Case, device: torch.device):
+    """Model, student/teacher callables, state shape, seeded x and x0 [B, ...], σ = 0.5 [B]
+    and the uniform K-step grid of one benchmark case."""
     model, student, teacher, shape = BUILDERS[case.model](case, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g).to(device)
     x0 = torch.randn(shape, generator=g).to(device)
     sig = torch.full((shape[0],), 0.5, device=device)
-    sigmas = dopsd_ref.uniform_sigmas(case.k)
+    return model, student, teacher, shape, x, x0, sig, dopsd_ref.uniform_sigmas(case.k)
+
+
+def time_case(case: Case, device: torch.device, repeat: int = 5) -> dict[str, float]:
+    """Times of the parts and of the whole D-OPSD step, and the ratios to the ideal and SFT."""
+    model, student, teacher, shape, x, x0, sig, sigmas = _case_inputs(case, device)
 
     def student_fb():
         student(x, sig).pow(2).mean().backward()
@@ -181,12 +187,7 @@ def memory_case(case: Case, mode: str, device_name: str) -> dict[str, float]:
     import gc
 
     device = torch.device(device_name)
-    model, student, teacher, shape = BUILDERS[case.model](case, device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=g).to(device)
-    x0 = torch.randn(shape, generator=g).to(device)
-    sig = torch.full((shape[0],), 0.5, device=device)
-    sigmas = dopsd_ref.uniform_sigmas(case.k)
+    model, student, teacher, shape, x, x0, sig, sigmas = _case_inputs(case, device)
 
     def step() -> None:
         if mode == "sft":
