@@ -87,6 +87,8 @@ EXPECTED_ROWS = {
     "curves": ["D-OPSD", "SFT", "SFT on teacher samples", "off-policy distillation", "teacher = live copy",
                "teacher = frozen base", "teacher = EMA 0.9", "teacher = EMA 0.9999"],
     "lr_sweep": ["D-OPSD, lr 0.001", "D-OPSD, lr 0.01", "SFT, lr 0.001", "SFT, lr 0.01"],
+    "retention": ["base (no fine-tuning)", "SFT", "DreamBooth (prior preservation)", "D-OPSD",
+                  "D-OPSD + on-policy prior batch", "D-OPSD, σ = 1 step not trained"],
 }
 
 
@@ -113,9 +115,12 @@ def test_protocol_command_fast_mode_writes_its_table(tmp_path, tiny_model_dir, c
     elif command == "lr_sweep":
         assert "## Matched fidelity" in md and len(data["matched"]) == 3
     else:
-        ref = {"lora_table": "D-OPSD", "full_table": "D-OPSD", "options": "D-OPSD (λ = 0, K = 4)"}[command]
+        ref = {"lora_table": "D-OPSD", "full_table": "D-OPSD", "options": "D-OPSD (λ = 0, K = 4)",
+               "retention": "D-OPSD"}[command]
         assert data["rows"][ref]["concept_acc"]["diff_vs_ref"] == 0.0
         assert {"concept_dino_d", "known_acc", "known_fid"} <= set(data["rows"][ref])
+        if command == "retention":
+            assert "known_leak" in data["rows"][ref] and "| known prompts drawn as the concept ↓ |" in md
 
 
 def test_lr_sweep_records_a_diverged_run_and_goes_on(tmp_path, tiny_model_dir, monkeypatch):

@@ -167,3 +167,48 @@ def test_option_fields_are_validated():
                       ({"scope": "everything"}, "scope")]:
         with pytest.raises(ValueError, match=field):
             load_config(None, **kw)
+
+
+def test_dopsd_prior_step_averages_the_target_and_the_text_only_prior_rollout_gradients(tiny_model_dir):
+    """method 'dopsd_prior' (on-policy prior preservation) takes one step on
+    L = ½ (L_D-OPSD(targets) + L_D-OPSD(prior prompts)): measured with SGD(lr = 1) and no
+    clipping, its update is the mean of the plain D-OPSD update on the same target batch and the
+    update of a D-OPSD step on the prior micro-batch alone, where the student rolls out from the
+    next noise draw on known-shape prompts and the EMA teacher sees the same text only (no image)."""
+    from toy_models.finetune import train as T
+
+    cpu = torch.device("cpu")
+
+    def one_step(method, micro=None):
+        cfg = _cfg(tiny_model_dir, method=method, steps=1, scope="lora", max_grad_norm=1e9, prior_images=5)
+        targets = load_targets(cfg.data, cfg.num_targets, cfg.data_seed)
+        torch.manual_seed(0)  # the LoRA A initialisation
+        roles = build_roles(load_model(cfg.model, cpu), cfg)
+        with torch.no_grad():  # a nonzero adapter, so the teacher and the student differ
+            for n, p in roles.module.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        prior = prior_samples(roles, cfg, cpu)
+        before = [p.detach().clone() for p in roles.params]
+        opt = torch.optim.SGD(roles.params, lr=1.0)
+        step_cfg = dopsd_ref.StepConfig(max_grad_norm=None)
+        if micro is None:
+            T.train_one_step(cfg, roles, opt, step_cfg, dopsd_ref.uniform_sigmas(4), targets,
+                             torch.Generator().manual_seed(0), cpu, 0, None, prior=prior)
+        else:  # the prior micro-batch alone, drawn from the generator after the target batch
+            gen = torch.Generator().manual_seed(0)
+            torch.randint(len(targets), (cfg.batch_size,), generator=gen)
+            torch.randn(cfg.batch_size, 3, 16, 16, generator=gen)
+            pidx = torch.randint(len(prior), (cfg.batch_size,), generator=gen)
+            pnoise = torch.randn(cfg.batch_size, 3, 16, 16, generator=gen)
+            pctx = ToyContext(V.tokenize([prior.captions[i] for i in pidx.tolist()]))
+            dopsd_ref.dopsd_train_step(roles.module, roles.teacher, [dopsd_ref.MicroBatch(pnoise, pctx, pctx)],
+                                       dopsd_ref.uniform_sigmas(4), opt, roles.params, step_cfg, step=1)
+        return [b - p.detach() for b, p in zip(before, roles.params)]
+
+    both, target, prior_only = one_step("dopsd_prior"), one_step("dopsd"), one_step("dopsd", micro="prior")
+    for a, t, p in zip(both, target, prior_only):
+        torch.testing.assert_close(a, 0.5 * (t + p), rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(t, p) for t, p in zip(target, prior_only))
+    with pytest.raises(ValueError, match="prior_weight"):
+        _cfg(tiny_model_dir, method="dopsd_prior", prior_weight=2.0)

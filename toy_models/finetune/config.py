@@ -20,7 +20,7 @@ from toy_models.finetune.adapters import SCOPES
 __all__ = ["FinetuneConfig", "METHODS", "RESUMABLE_CHANGES", "load_config", "add_config_flags", "config_from_args",
            "resume_changes"]
 
-METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher", "dreambooth")
+METHODS = ("dopsd", "sft", "offpolicy", "sft_teacher", "dreambooth", "dopsd_prior")
 # Fields a resumed run may change. lr and weight_decay are written into the optimizer's param
 # groups; the others only steer the loop (how far, how often to save/evaluate, where). Every
 # other field (method, data, seeds, batch, adapter shape, objective) would make the resumed run
@@ -50,7 +50,9 @@ class FinetuneConfig:
             "offpolicy" (teacher-graded, on noised targets), "sft_teacher" (flow matching on
             the initial teacher's samples), "dreambooth" (flow matching on the targets plus
             ``prior_weight`` times flow matching on prior-preservation pairs: the initial
-            model's own samples of known-concept prompts).
+            model's own samples of known-concept prompts), "dopsd_prior" (D-OPSD plus an equal
+            micro-batch of known-shape prompts, text only for student and teacher: on-policy
+            prior preservation).
         model: folder of the few-step model to fine-tune, or a shipped name
             ("toy-dit-turbo4", "toy-dit-base").
         data: a built-in target set ("concept:ell", "style:hstripe", "domain:pastel") or a
@@ -86,7 +88,7 @@ class FinetuneConfig:
         rollout_schedule: a curriculum of roll-out lengths, ``"step:K,step:K,..."`` starting
             at step 0 (e.g. ``"0:2,100:4"``; read at the 1-based optimizer step); empty: the
             fixed ``rollout_steps``. It sets the D-OPSD and off-policy grids.
-        prior_weight, prior_images: "dreambooth" only: weight of the prior-preservation loss
+        prior_weight, prior_images: "dreambooth" (and "dopsd_prior": its prompts): weight of the prior-preservation loss
             and how many prior pairs the initial model draws (4-step samples of known-shape
             prompts, drawn once before training).
 
@@ -174,7 +176,9 @@ class FinetuneConfig:
             "recon_weight": (finite(self.recon_weight) and self.recon_weight >= 0
                              and (self.recon_weight == 0 or self.method == "dopsd"), "finite, >= 0 (and > 0 only for method 'dopsd')"),
             "rollout_schedule": (schedule_ok, schedule_want),
-            "prior_weight": (finite(self.prior_weight) and self.prior_weight >= 0, "finite and >= 0"),
+            "prior_weight": (finite(self.prior_weight) and self.prior_weight >= 0
+                             and (self.prior_weight == 1.0 or self.method != "dopsd_prior"),
+                             "finite and >= 0 (and 1 for method 'dopsd_prior': its two micro-batches weigh equally)"),
             "prior_images": (self.prior_images >= 1, ">= 1"),
         }
 

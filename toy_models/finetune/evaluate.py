@@ -138,6 +138,8 @@ def evaluate_student(student: StudentFn, prompts: EvalPrompts, evaluator=None, s
                             if prompts.concept_reals is not None else float("nan")),
             "concept_dino_d": (feature_distance(ev, tr, prompts.train_images)
                                if prompts.train_images is not None else float("nan")),
+            # known prompts drawn as the concept: how much of the retention loss is the new concept leaking
+            "known_leak": accuracy(ev.predict(kn)[prompts.head], [prompts.concept] * len(kn)),
         })
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     if per_seed:

@@ -9,6 +9,9 @@ One loop serves every method; only the loss of a step differs:
 * ``sft_teacher``: flow matching on samples the initial teacher drew for each target.
 * ``dreambooth``: flow matching on the targets plus ``prior_weight`` × flow matching on
   prior-preservation pairs (the initial model's 4-step samples of known-shape prompts).
+* ``dopsd_prior``: D-OPSD plus an on-policy prior batch: the student also rolls out from
+  known-shape prompts (text only) and is graded there by the EMA teacher on the same text
+  only, ``L = ½ (L_D-OPSD(targets) + L_D-OPSD(prior prompts))`` (two equal micro-batches).
 
 Options of ``dopsd``: ``recon_weight`` λ adds λ × flow matching on the targets (text context)
 to the roll-out loss; ``rollout_schedule`` sets K per optimizer step (:class:`dopsd_ref.KSchedule`).
@@ -385,7 +388,7 @@ def run_finetune(
     pool = targets  # sft_teacher: drawn by the *initial* teacher, before any resume
     if cfg.method == "sft_teacher":
         pool = teacher_samples(roles, targets, cfg, per_target=4, device=device)
-    prior = prior_samples(roles, cfg, device) if cfg.method == "dreambooth" else None
+    prior = prior_samples(roles, cfg, device) if cfg.method in ("dreambooth", "dopsd_prior") else None
     if state is not None:
         roles.load_state(state.student, state.teacher)
         opt.load_state_dict(state.optimizer)
@@ -475,6 +478,12 @@ def train_one_step(cfg: FinetuneConfig, roles: Roles, opt: torch.optim.Optimizer
                                              opt, roles.params, step_cfg, roles.update_teacher, step=step + 1,
                                              reconstruction=recon, reconstruction_weight=cfg.recon_weight)
             loss, per_step, gnorm, recon_loss = res.loss, res.per_step.tolist(), res.grad_norm, res.reconstruction_loss
+        elif cfg.method == "dopsd_prior":
+            if prior is None:
+                raise ValueError("method 'dopsd_prior' needs its prior prompts (prior=prior_samples(...))")
+            res = _dopsd_prior_step(cfg, roles, opt, step_cfg, sigmas, prior, MicroBatch(noise, sctx, tctx), teacher,
+                                    gen, device, step)
+            loss, per_step, gnorm = res.loss, res.per_step.tolist(), res.grad_norm
         elif cfg.method == "dreambooth":
             if prior is None:
                 raise ValueError("method 'dreambooth' needs its prior-preservation pairs (prior=prior_samples(...))")
@@ -509,6 +518,29 @@ def train_one_step(cfg: FinetuneConfig, roles: Roles, opt: torch.optim.Optimizer
     if recon_loss is not None:
         row["recon_loss" if cfg.method == "dopsd" else "prior_loss"] = recon_loss
     return row
+
+
+def _dopsd_prior_step(cfg: FinetuneConfig, roles: Roles, opt: torch.optim.Optimizer, step_cfg: StepConfig,
+                      sigmas, prior: TargetSet, target_mb: MicroBatch, target_teacher, gen: torch.Generator,
+                      device: torch.device, step: int) -> dopsd_ref.StepResult:
+    """One D-OPSD step with an on-policy prior micro-batch: ``L = ½ (L_targets + L_prior)``.
+
+    The prior micro-batch (as large as the target batch, prompts drawn from ``gen`` after the
+    target batch) holds known-shape captions of ``prior``; there both roles see the text only,
+    so the student is held to the EMA teacher's own text-only velocities on the states it
+    visits for prompts it already knows (D-OPSD's analogue of prior preservation; the prior
+    images are not used). Target micro-batch: exactly as ``dopsd``.
+    """
+    b = target_mb.noise.shape[0]
+    pidx = torch.randint(len(prior), (b,), generator=gen)
+    pnoise = torch.randn(b, *prior.images.shape[1:], generator=gen).to(device)
+    pctx = ToyContext(V.tokenize([prior.captions[i] for i in pidx.tolist()])).to(device)
+
+    def teacher(x: Tensor, s: Tensor, c: ToyContext) -> Tensor:  # text-only context: the plain EMA teacher
+        return roles.teacher(x, s, c) if c.ref is None else target_teacher(x, s, c)
+
+    return dopsd_ref.dopsd_train_step(roles.module, teacher, [target_mb, MicroBatch(pnoise, pctx, pctx)], sigmas, opt,
+                                      roles.params, step_cfg, roles.update_teacher, step=step + 1)
 
 
 def _dreambooth_step(cfg: FinetuneConfig, roles: Roles, opt: torch.optim.Optimizer, step_cfg: StepConfig,

@@ -27,6 +27,9 @@ The paper's protocol, in miniature (default ``--train-seeds 3 --gen-seeds 3``; e
     python -m toy_models.studies.experiments lr_sweep    # learning rates of D-OPSD and SFT: fidelity vs
                                                  # retention frontier, matched-fidelity comparison
     python -m toy_models.studies.experiments options     # reconstruction loss λ and the K curriculum
+    python -m toy_models.studies.experiments retention   # why ungated D-OPSD forgets known prompts: leak
+                                                 # of the concept into them, and two changes that
+                                                 # test the reason (on-policy prior batch, no σ = 1 step)
 
 Their paired differences to D-OPSD are computed per training seed (mean over its generation
 seeds) and the 95% t-interval is taken over training seeds (with one training seed: over
@@ -180,7 +183,7 @@ def run_suite(name: str, train_seeds: int, gen_seeds: int, steps: int, out: Path
 # learning-rate sweep, and the two core options.
 # ----------------------------------------------------------------------------------------
 
-COMMANDS = ("lora_table", "full_table", "curves", "lr_sweep", "options")
+COMMANDS = ("lora_table", "full_table", "curves", "lr_sweep", "options", "retention")
 BASE_ROW = "base (no fine-tuning)"
 # metric key -> column label (↑ higher is better, ↓ lower is better)
 LABELS = {
@@ -190,6 +193,7 @@ LABELS = {
     "known_acc": "retention: known acc ↑",
     "known_fid": "retention: known toy-FID ↓",
     "unseen_acc": "unseen recombinations acc ↑",
+    "known_leak": "known prompts drawn as the concept ↓",
 }
 TABLE_METRICS = ("concept_acc", "concept_dino_d", "concept_fid", "known_acc", "known_fid", "unseen_acc")
 DOMAIN_LABELS = {"concept_acc": "domain acc ↑", "concept_fid": "toy-FID vs domain renders ↓",
@@ -399,6 +403,40 @@ def options_table(proto: Protocol, out: Path, command: str) -> dict[str, Any]:
              " (`rollout_schedule`). Sampling is always 4 steps.",)
     return run_table("options", "Reconstruction loss and K curriculum (ablation)", proto,
                      {"data": "concept:ell", "scope": "lora"}, variants, variants[0].name, out, command, notes=notes)
+
+
+def retention_table(proto: Protocol, out: Path, command: str) -> dict[str, Any]:
+    """Why D-OPSD with an ungated LoRA forgets known prompts, and a change that tests the reason.
+
+    Hypothesis: D-OPSD trains on the states the student visits from pure noise, and at high
+    noise those states are the same for every prompt; the concept prompts differ from known
+    ones only in the ``sks`` token, so the cheapest way to fit the teacher there is to draw
+    the concept for every prompt. SFT trains on noised targets, states the known prompts'
+    roll-outs rarely visit. Predictions: known prompts' samples turn into the concept
+    (``known_leak``); holding the student to its own text-only behaviour on known prompts' own
+    roll-outs (``dopsd_prior``: the on-policy analogue of prior preservation) removes the leak
+    while keeping the concept; leaving out the σ = 1 step (the one fully shared state) helps
+    less, since the next states are still shared before the layout forms.
+    """
+    variants = [
+        Variant(BASE_ROW, {}, reuse="base"),
+        Variant("SFT", {"method": "sft"}),
+        Variant("DreamBooth (prior preservation)", {"method": "dreambooth"}),
+        Variant("D-OPSD", {"method": "dopsd"}),
+        Variant("D-OPSD + on-policy prior batch", {"method": "dopsd_prior"}),
+        Variant("D-OPSD, σ = 1 step not trained", {"method": "dopsd", "skip_first_steps": 1}),
+    ]
+    cfg = proto.config(data="concept:ell", scope="lora")
+    notes = (f"Ungated LoRA as in `lora_table` (lr {cfg.lr}, {cfg.steps} steps). `D-OPSD + on-policy prior batch`"
+             f" (method `dopsd_prior`): each step adds a micro-batch as large as the target batch of known-shape prompts"
+             f" (from the {cfg.prior_images} DreamBooth prior captions), where the student rolls out from noise and the EMA"
+             " teacher sees the same text only, L = ½ (L_targets + L_prior): about twice D-OPSD's compute."
+             " `σ = 1 step not trained`: `skip_first_steps = 1` (the first roll-out state is pure noise for every prompt)."
+             " Last column: share of known-prompt samples (no `sks`) the evaluator calls the new concept.",)
+    metrics = (*TABLE_METRICS, "known_leak")
+    return run_table("retention", "Retention under an ungated LoRA: the concept leaking into known prompts", proto,
+                     {"data": "concept:ell", "scope": "lora"}, variants, "D-OPSD", out, command, metrics=metrics,
+                     notes=notes)
 
 
 CURVE_METRICS = ("concept_acc", "concept_fid", "known_acc")
@@ -671,6 +709,8 @@ def run_command(name: str, proto: Protocol, out: Path, command: str, scope: str 
         return full_table(proto, out, command)
     if name == "options":
         return options_table(proto, out, command)
+    if name == "retention":
+        return retention_table(proto, out, command)
     if name == "curves":
         return curves(proto, out, command, scope or "lora", threshold)
     if name == "lr_sweep":
