@@ -74,9 +74,9 @@ def test_retention_vs_base_is_the_paired_difference_over_generation_seeds():
 
 @pytest.mark.slow
 def test_demo_ungated_lora_option_measures_retention(tmp_path):
-    """--scope lora trains the ungated adapter (active for every prompt) for both methods and
-    reports retention on known prompts as measured differences to the base; the default stays
-    the prompt-gated adapter, whose known prompts equal the base's (difference exactly 0)."""
+    """The default scope is the ungated LoRA (active for every prompt, the paper's setting) for
+    both methods, and the results report retention on known prompts as measured differences to
+    the base; with --scope prompt_gated known prompts equal the base's (difference exactly 0)."""
     from finetune_fixtures import tiny_model
 
     from toy_models.demo import main
@@ -84,11 +84,13 @@ def test_demo_ungated_lora_option_measures_retention(tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")
     common = ["--model", str(tmp_path / "tiny"), "--steps", "2", "--eval-every", "2", "--seeds", "2", "--sft-factor", "1",
               "--device", "cpu", "--lr", "0.05"]
-    lora = main(common + ["--scope", "lora", "--out", str(tmp_path / "lora")])
-    gated = main(common + ["--out", str(tmp_path / "gated")])
+    lora = main(common + ["--out", str(tmp_path / "lora")])
+    gated = main(common + ["--scope", "prompt_gated", "--out", str(tmp_path / "gated")])
     assert lora["settings"]["scope"] == "lora" and gated["settings"]["scope"] == "prompt_gated"
+    assert lora["settings"]["lr"] == gated["settings"]["lr"] == 0.05  # --lr overrides the scope default
     md = (tmp_path / "lora" / "results.md").read_text()
-    assert "--scope lora" in md and "retention is measured" in md and "| D-OPSD |" in md
+    assert "--scope" not in md.split("`")[1] and "retention is measured" in md and "| D-OPSD |" in md
+    assert "--scope prompt_gated" in (tmp_path / "gated" / "results.md").read_text()
     assert "by construction" in (tmp_path / "gated" / "results.md").read_text()
     for name in ("SFT", "D-OPSD"):
         assert gated["retention"][name]["known_fid"]["diff_vs_base"] == 0.0
