@@ -143,3 +143,15 @@ def test_lr_sweep_records_a_diverged_run_and_goes_on(tmp_path, tiny_model_dir, m
     md = (tmp_path / "lr_sweep.md").read_text()
     assert "| D-OPSD, lr 0.01 | n/a | n/a |" in md
     assert "| SFT, lr 0.01 | " in md and "| SFT, lr 0.01 | n/a" not in md
+
+
+def test_table_command_lr_sets_every_row_and_names_the_file(tmp_path, tiny_model_dir):
+    """--lr trains every row of a table command at that learning rate (overriding the table's
+    own, e.g. full_table's 1e-4) and writes <command>_lr<lr>.md/.json, leaving <command>.md alone."""
+    from toy_models.studies.experiments import main
+
+    out = tmp_path / "results"
+    main(["full_table", "--fast", "--lr", "0.002", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu"])
+    data = json.loads((out / "full_table_lr0.002.json").read_text())
+    assert {c["lr"] for c in data["configs"].values()} == {0.002} and data["base_config"]["lr"] == 0.002
+    assert not (out / "full_table.md").exists() and "--lr 0.002" in (out / "full_table_lr0.002.md").read_text()

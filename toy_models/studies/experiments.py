@@ -211,6 +211,8 @@ class Protocol:
         steps: fine-tuning steps per run.
         fast: tiny smoke mode (3 targets, batch 2, 4 prior pairs, 2 unseen and 4 known prompts).
         eval_every: evaluation period of the learning curves (steps).
+        lr: learning rate of every run of a table command (``None``: each table's own); the
+            table is then written as ``<command>_lr<lr>.{md,json}``.
     """
 
     train_seeds: int = 3
@@ -221,8 +223,11 @@ class Protocol:
     fast: bool = False
     eval_every: int = 10
     progress: bool = True
+    lr: float | None = None
 
     def config(self, **changes: Any) -> FinetuneConfig:
+        if self.lr is not None:
+            changes = {**changes, "lr": self.lr}
         small = {"num_targets": 3, "batch_size": 2, "prior_images": 4} if self.fast else {}
         return FinetuneConfig(steps=self.steps, device=self.device, ckpt_every=0, model=self.model,
                               **{**changes, **small} if self.fast else changes)
@@ -318,6 +323,8 @@ def run_table(name: str, title: str, proto: Protocol, base_changes: dict[str, An
     from toy_models.finetune.train import load_model, resolve_device
 
     t0 = time.time()
+    if proto.lr is not None:
+        name = f"{name}_lr{proto.lr:g}"
     cfg0 = proto.config(**base_changes)
     targets = load_targets(cfg0.data, cfg0.num_targets, cfg0.data_seed)
     prompts = proto.prompts(targets)
@@ -736,6 +743,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=0.8, help="curves: concept accuracy for steps-to-threshold")
     p.add_argument("--scope", default=None, help="curves, lr_sweep: adapter scope (default 'lora', ungated)")
     p.add_argument("--lrs", default=None, help="lr_sweep: comma-separated learning rates")
+    p.add_argument("--lr", type=float, default=None,
+                   help="table commands (lora_table, full_table, options, retention): one learning rate for every row,"
+                        " written as <command>_lr<lr>.md")
     a = p.parse_args(argv)
     if a.threads:
         import torch
@@ -746,9 +756,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.fast:
         proto = Protocol(train_seeds=1, gen_seeds=1, steps=2, device=a.device, model=a.model, fast=True, eval_every=1,
-                         progress=False)
+                         progress=False, lr=a.lr)
     else:
-        proto = Protocol(a.train_seeds or 3, a.gen_seeds, a.steps, a.device, a.model, False, a.eval_every)
+        proto = Protocol(a.train_seeds or 3, a.gen_seeds, a.steps, a.device, a.model, False, a.eval_every, lr=a.lr)
     lrs = tuple(float(v) for v in a.lrs.split(",")) if a.lrs else ((1e-3, 1e-2) if a.fast else None)
     command = "python -m toy_models.studies.experiments " + " ".join(argv)
     run_command(a.suite, proto, Path(a.out or "docs/results"), command, a.scope, lrs, a.threshold)
