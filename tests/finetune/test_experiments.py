@@ -155,3 +155,18 @@ def test_table_command_lr_sets_every_row_and_names_the_file(tmp_path, tiny_model
     data = json.loads((out / "full_table_lr0.002.json").read_text())
     assert {c["lr"] for c in data["configs"].values()} == {0.002} and data["base_config"]["lr"] == 0.002
     assert not (out / "full_table.md").exists() and "--lr 0.002" in (out / "full_table_lr0.002.md").read_text()
+
+
+def test_curves_lr_and_groups(tmp_path, tiny_model_dir):
+    """curves --lr --groups strategies trains only the strategy runs at that learning rate and
+    writes curves_lr<lr>.md/.json/.png; an unknown group is refused by name."""
+    from toy_models.studies.experiments import main
+
+    out = tmp_path / "results"
+    common = ["--fast", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu"]
+    main(["curves", "--lr", "0.002", "--groups", "strategies", *common])
+    data = json.loads((out / "curves_lr0.002.json").read_text())
+    assert set(data["logs"]) == {"D-OPSD", "SFT", "SFT on teacher samples", "off-policy distillation"}
+    assert data["config"]["lr"] == 0.002 and (out / "curves_lr0.002.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["curves", "--groups", "students", *common])

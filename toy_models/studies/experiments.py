@@ -481,7 +481,8 @@ def curve_variants(group: str) -> list[Variant]:
     raise ValueError(f"unknown curve group {group!r}")
 
 
-def curves(proto: Protocol, out: Path, command: str, scope: str = "lora", threshold: float = 0.8) -> dict[str, Any]:
+def curves(proto: Protocol, out: Path, command: str, scope: str = "lora", threshold: float = 0.8,
+           group_names: tuple[str, ...] = ("strategies", "teachers")) -> dict[str, Any]:
     """Metric vs step for the training strategies and teacher kinds; steps to threshold and AUC.
 
     Each run is evaluated every ``proto.eval_every`` steps (and at 0 and the end) over the
@@ -489,7 +490,8 @@ def curves(proto: Protocol, out: Path, command: str, scope: str = "lora", thresh
     reaches ``threshold`` (not reached: counted as the run length, a lower bound — the number
     reached is reported), the normalized area under the concept-accuracy curve (its mean
     over training) and under the known-prompt accuracy curve. Paired differences to D-OPSD
-    over training seeds.
+    over training seeds. ``group_names``: which of the two figures to run. With ``proto.lr``
+    the files are ``curves_lr<lr>.{md,json,png}``.
     """
     import warnings
 
@@ -500,7 +502,8 @@ def curves(proto: Protocol, out: Path, command: str, scope: str = "lora", thresh
     targets = load_targets(cfg0.data, cfg0.num_targets, cfg0.data_seed)
     prompts = proto.prompts(targets)
     ev = load_evaluator()
-    groups = {g: curve_variants(g) for g in ("strategies", "teachers")}
+    groups = {g: curve_variants(g) for g in group_names}
+    name = "curves" if proto.lr is None else f"curves_lr{proto.lr:g}"
     names = list(dict.fromkeys(v.name for vs in groups.values() for v in vs))
     changes = {v.name: v.changes for vs in groups.values() for v in vs}
     logs: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in names}
@@ -554,11 +557,11 @@ def curves(proto: Protocol, out: Path, command: str, scope: str = "lora", thresh
         table[1] += "---|"
         table[2:] = [line + f" {reached[v.name]}/{proto.train_seeds} |" for line, v in zip(table[2:], vs)]
         md += [f"## {g}", ""] + table + [""]
-    plot_curves(logs, groups, out / "curves.png", threshold)
-    md += ["![learning curves](curves.png)"]
-    path = _write(out, "curves", md, {"command": command, "logs": logs, "per_run": per_run, "reached": reached,
+    plot_curves(logs, groups, out / f"{name}.png", threshold)
+    md += [f"![learning curves]({name}.png)"]
+    path = _write(out, name, md, {"command": command, "logs": logs, "per_run": per_run, "reached": reached,
                                       "threshold": threshold, "config": cfg0.to_dict(), "wall_clock_s": time.time() - t0})
-    print("\n".join(md) + f"\n[curves] wrote {path}")
+    print("\n".join(md) + f"\n[{name}] wrote {path}")
     return {"logs": logs, "per_run": per_run}
 
 
@@ -708,7 +711,8 @@ def plot_frontier(point, methods, lrs, train_seeds: int, path: Path, scope: str)
 
 
 def run_command(name: str, proto: Protocol, out: Path, command: str, scope: str | None = None,
-                lrs: tuple[float, ...] | None = None, threshold: float = 0.8) -> dict[str, Any]:
+                lrs: tuple[float, ...] | None = None, threshold: float = 0.8,
+                groups: tuple[str, ...] = ("strategies", "teachers")) -> dict[str, Any]:
     """Dispatch one protocol command (see the module doc)."""
     if name == "lora_table":
         return lora_table(proto, out, command)
@@ -719,7 +723,7 @@ def run_command(name: str, proto: Protocol, out: Path, command: str, scope: str 
     if name == "retention":
         return retention_table(proto, out, command)
     if name == "curves":
-        return curves(proto, out, command, scope or "lora", threshold)
+        return curves(proto, out, command, scope or "lora", threshold, groups)
     if name == "lr_sweep":
         return lr_sweep(proto, out, command, scope or "lora", lrs)
     raise ValueError(f"unknown command {name!r}; choose {', '.join(COMMANDS)}")
@@ -743,9 +747,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=0.8, help="curves: concept accuracy for steps-to-threshold")
     p.add_argument("--scope", default=None, help="curves, lr_sweep: adapter scope (default 'lora', ungated)")
     p.add_argument("--lrs", default=None, help="lr_sweep: comma-separated learning rates")
+    p.add_argument("--groups", default="strategies,teachers", help="curves: which figures (strategies, teachers)")
     p.add_argument("--lr", type=float, default=None,
-                   help="table commands (lora_table, full_table, options, retention): one learning rate for every row,"
-                        " written as <command>_lr<lr>.md")
+                   help="table commands and curves: one learning rate for every run, written as <command>_lr<lr>.md")
     a = p.parse_args(argv)
     if a.threads:
         import torch
@@ -761,7 +765,10 @@ def main(argv: list[str] | None = None) -> None:
         proto = Protocol(a.train_seeds or 3, a.gen_seeds, a.steps, a.device, a.model, False, a.eval_every, lr=a.lr)
     lrs = tuple(float(v) for v in a.lrs.split(",")) if a.lrs else ((1e-3, 1e-2) if a.fast else None)
     command = "python -m toy_models.studies.experiments " + " ".join(argv)
-    run_command(a.suite, proto, Path(a.out or "docs/results"), command, a.scope, lrs, a.threshold)
+    groups = tuple(g.strip() for g in a.groups.split(",") if g.strip())
+    if not groups or set(groups) - {"strategies", "teachers"}:
+        p.error(f"--groups must name strategies and/or teachers, got {a.groups!r}")
+    run_command(a.suite, proto, Path(a.out or "docs/results"), command, a.scope, lrs, a.threshold, groups)
 
 
 if __name__ == "__main__":
