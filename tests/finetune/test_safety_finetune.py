@@ -158,7 +158,7 @@ def test_corrupt_checkpoint_falls_back_or_refuses(tmp_path, model_dir, capsys):
     assert "no complete checkpoint" in err and "Traceback" not in err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, monkeypatch, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, monkeypatch, capsys, default_sigint):
     """The first Ctrl-C stops training after the current step, saves a checkpoint there and
     exits with status 130; resuming then ends exactly where an uninterrupted run ends."""
     full = run_finetune(_cfg(tmp_path / "full", model_dir, steps=5, ckpt_every=0), progress=False)
@@ -181,7 +181,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, monkey
     monkeypatch.setattr(dopsd_ref, "dopsd_train_step", real)
     resumed = run_finetune(_cfg(tmp_path, model_dir, steps=5, ckpt_every=0), progress=False, resume=True)
     assert resumed.start == 3 and _same_adapters(full, resumed)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is default_sigint  # the handler in place before is back
 
 
 def test_disk_full_and_read_only_are_messages(tmp_path, model_dir, monkeypatch, capsys):

@@ -266,7 +266,7 @@ def test_non_finite_loss_is_nonfinitelosserror_and_clears_grads(tmp_path, monkey
     assert rc == 2 and "error: gradient norm is nan at optimizer step 1" in err and "Traceback" not in err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, capsys, default_sigint):
     """The first Ctrl-C stops the script after the current step, saves a checkpoint there and
     exits with 130; running again resumes and ends bit-identical to an uninterrupted run."""
     from accelerate.state import AcceleratorState
@@ -293,7 +293,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, ca
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed = T.main(common + ["--set", f"output_dir={tmp_path / 'b'}"])
     assert resumed.step == 3 and _equal(_adapters(straight), _adapters(resumed))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is default_sigint  # the handler in place before is back
 
 
 def test_full_mode_teacher_round_trips_through_save_state_hooks(tmp_path):
