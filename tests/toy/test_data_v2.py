@@ -6,6 +6,7 @@ made the weights up to the v2 continuation).
 """
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -107,3 +108,19 @@ def test_v2_curriculum_ends_mostly_jittered():
     assert abs(cfg.aligned_prob(1.0) - 0.05) < 1e-12 and cfg.aligned_prob(0.0) == 0.5
     parts = pretrain_batch(3, 10, 32, 0.9, cfg)
     assert sum(sb.x0.shape[0] for sb in parts) == 32
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(SEEDS)
+def test_v2t_jitter_is_a_translation(seed):
+    """Mixture v2t differs from v2 only in its jitter: a jittered reference keeps the
+    target's size (a pure translation), while v2 also redraws the size of solid shapes."""
+    cfg_t, cfg = MIXTURES["v2t"], MIXTURES["v2"]
+    assert replace(cfg_t, jitter_size=True) == cfg
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        tgt, ref, _ = mix._ref_pair(rng, cfg_t, 0.0)
+        if ref.shape == tgt.shape:
+            assert ref.size == tgt.size
+    sizes = [mix._ref_pair(np.random.default_rng([seed, i]), cfg, 0.0) for i in range(200)]
+    assert any(t.size != r.size for t, r, _ in sizes)  # v2 does change sizes

@@ -31,7 +31,7 @@ With the v2 fields at 0 (``v1``) the random stream is exactly v1's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -60,6 +60,7 @@ class MixtureConfig:
     p_fill_other_shape: float = 0.0  # of fill samples: the reference has another known shape
     p_domain_only: float = 0.0  # reference samples that carry only a domain (caption names the shape)
     p_domain: float = 0.0  # other reference samples restyled (target and reference) into a random domain
+    jitter_size: bool = True  # a jittered reference also redraws its size (False: translation only)
 
     def aligned_prob(self, frac: float) -> float:
         a, b = self.curriculum
@@ -106,7 +107,7 @@ def _ref_pair_v2(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float)
         dom = D.random_domain(rng)
         tgt = _text_spec(rng, cfg).replace(domain=dom)
         other = D.random_spec(rng, shapes=V.KNOWN_SHAPES + ("glyph",), domain=dom)
-        ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=True)
+        ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=True, keep_size=not cfg.jitter_size)
         ref = ref.replace(shape=other.shape, glyph=other.glyph, style="solid", fill=None, bg=tgt.bg)
         return tgt, ref, D.caption(tgt)
     other_shape = False
@@ -130,7 +131,7 @@ def _ref_pair_v2(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float)
     if in_domain:
         tgt = tgt.replace(domain=D.random_domain(rng))
     same_color = in_domain or rng.random() < cfg.p_same_color
-    ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=same_color)
+    ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=same_color, keep_size=not cfg.jitter_size)
     if in_domain:
         ref = ref.replace(bg=tgt.bg)
     if other_shape:
@@ -152,6 +153,9 @@ MIXTURES: dict[str, MixtureConfig] = {
         p_domain_only=0.14, p_domain=0.25, aligned_start=0.5, aligned_end=0.05, curriculum=(0.0, 0.35),
     ),
 }
+# v2t: v2 with translation-only jitter (the size is kept), to test whether the size change is
+# what stops the teacher from learning a relocating copy (docs/results/toy_world_v2.md).
+MIXTURES["v2t"] = replace(MIXTURES["v2"], jitter_size=False)
 
 
 def pretrain_batch(seed: int, step: int, batch: int, frac: float, cfg: MixtureConfig) -> list[SubBatch]:
