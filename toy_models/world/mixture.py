@@ -145,7 +145,8 @@ class SubBatch:
     context: ToyContext
 
 
-#: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module doc).
+#: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module doc),
+#: ``v2t`` (added below).
 MIXTURES: dict[str, MixtureConfig] = {
     "v1": MixtureConfig(),
     "v2": MixtureConfig(
