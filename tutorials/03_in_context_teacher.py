@@ -177,8 +177,9 @@ for name, rows in list(stats.items())[1:]:
 # continued the base on a mixture whose references are 95 % jittered and add procedural
 # fills and palette domains. With positions on the reference tokens the teacher kept copying
 # placement and lost shape (held-out L 0.41, IoU with the target's mask 0.47 vs 0.16
-# shifted; the same with a translation-only jitter); without positions placement followed the noise (IoU 0.12 vs 0.13) and fills and
-# palettes carried (stripes 1.00, pastel 0.80), but no shape did (L 0.00). In this toy a
+# shifted; the same with a translation-only jitter); without positions placement followed
+# the noise (IoU 0.12 vs 0.13) and fills and palettes carried (stripes 1.00, pastel 0.80),
+# but no shape did (L 0.00). In this toy a
 # reference carries texture without its placement, and shape only with it; the shipped
 # teacher (raw target: L 1.00, stripes 0.64, pastel 0.00, `toy_models/weights/acceptance.json`)
 # stays, with the moved target.

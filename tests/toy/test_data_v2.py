@@ -122,5 +122,5 @@ def test_v2t_jitter_is_a_translation(seed):
         tgt, ref, _ = mix._ref_pair(rng, cfg_t, 0.0)
         if ref.shape == tgt.shape:
             assert ref.size == tgt.size
-    sizes = [mix._ref_pair(np.random.default_rng([seed, i]), cfg, 0.0) for i in range(200)]
-    assert any(t.size != r.size for t, r, _ in sizes)  # v2 does change sizes
+    pairs = [mix._ref_pair(np.random.default_rng([seed, i]), cfg, 0.0) for i in range(200)]
+    assert any(t.size != r.size for t, r, _ in pairs)  # v2 does change sizes

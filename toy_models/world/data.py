@@ -395,17 +395,18 @@ def specs(seed: int, n: int, **kw) -> list[Spec]:
 
 
 def concept_reference(
-    rng: np.random.Generator, target: Spec, aligned: bool, same_color: bool, keep_size: bool = False
+    rng: np.random.Generator, target: Spec, aligned: bool, same_color: bool, resize: bool = True
 ) -> Spec:
     """A reference that shares the target's concept (shape/glyph and style), not its pixels.
 
     Background always redrawn; colour kept when ``same_color``; placement and size kept
-    when ``aligned``, else redrawn (only the placement when ``keep_size``: a pure translation).
+    when ``aligned``, else redrawn (the size of a solid shape only when ``resize``; without it
+    the jitter is a pure translation).
     """
     bg = str(rng.choice(V.BACKGROUNDS))
     color = target.color if same_color else str(rng.choice(V.COLORS))
     size, cx, cy = target.size, target.cx, target.cy
     if not aligned:
-        size = target.size if (target.style != "solid" or keep_size) else str(rng.choice(V.SIZES))
+        size = str(rng.choice(V.SIZES)) if (resize and target.style == "solid") else target.size
         cx, cy = random_placement(rng, size)
     return target.replace(bg=bg, color=color, size=size, cx=cx, cy=cy)

@@ -107,7 +107,7 @@ def _ref_pair_v2(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float)
         dom = D.random_domain(rng)
         tgt = _text_spec(rng, cfg).replace(domain=dom)
         other = D.random_spec(rng, shapes=V.KNOWN_SHAPES + ("glyph",), domain=dom)
-        ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=True, keep_size=not cfg.jitter_size)
+        ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=True, resize=cfg.jitter_size)
         ref = ref.replace(shape=other.shape, glyph=other.glyph, style="solid", fill=None, bg=tgt.bg)
         return tgt, ref, D.caption(tgt)
     other_shape = False
@@ -131,7 +131,7 @@ def _ref_pair_v2(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float)
     if in_domain:
         tgt = tgt.replace(domain=D.random_domain(rng))
     same_color = in_domain or rng.random() < cfg.p_same_color
-    ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=same_color, keep_size=not cfg.jitter_size)
+    ref = D.concept_reference(rng, tgt, aligned=aligned, same_color=same_color, resize=cfg.jitter_size)
     if in_domain:
         ref = ref.replace(bg=tgt.bg)
     if other_shape:
@@ -145,18 +145,19 @@ class SubBatch:
     context: ToyContext
 
 
-#: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module doc),
-#: ``v2t`` (added below).
+_V2 = MixtureConfig(
+    p_ref=0.45, p_glyph=0.28, p_style_copy=0.08, p_fill_family=0.16, p_fill_other_shape=0.5,
+    p_domain_only=0.14, p_domain=0.25, aligned_start=0.5, aligned_end=0.05, curriculum=(0.0, 0.35),
+)
+
+#: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module
+#: doc), ``v2t`` (v2 with translation-only jitter, the size kept: tests whether the size change
+#: is what stops a relocating copy, docs/results/toy_world_v2.md).
 MIXTURES: dict[str, MixtureConfig] = {
     "v1": MixtureConfig(),
-    "v2": MixtureConfig(
-        p_ref=0.45, p_glyph=0.28, p_style_copy=0.08, p_fill_family=0.16, p_fill_other_shape=0.5,
-        p_domain_only=0.14, p_domain=0.25, aligned_start=0.5, aligned_end=0.05, curriculum=(0.0, 0.35),
-    ),
+    "v2": _V2,
+    "v2t": replace(_V2, jitter_size=False),
 }
-# v2t: v2 with translation-only jitter (the size is kept), to test whether the size change is
-# what stops the teacher from learning a relocating copy (docs/results/toy_world_v2.md).
-MIXTURES["v2t"] = replace(MIXTURES["v2"], jitter_size=False)
 
 
 def pretrain_batch(seed: int, step: int, batch: int, frac: float, cfg: MixtureConfig) -> list[SubBatch]:
