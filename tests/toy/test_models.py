@@ -125,3 +125,23 @@ def test_context_helpers():
     with pytest.raises(ValueError):
         ToyContext.cat([c, c.text_only()])
     assert c.to("cpu").has_ref and not c.text_only().has_ref
+
+
+def test_deepened_model_computes_the_source_function():
+    """Blocks added by load_deepened are the identity (adaLN-Zero), so a deepened model's
+    velocity equals the shallower source's, for text-only and reference contexts; anything
+    but depth (and the parameter-free position options) must match."""
+    from toy_models.models.dit import load_deepened
+
+    src = _live_xs(3)
+    deep = toy_dit_xs(depth=src.config.depth + 2).eval()
+    load_deepened(deep, src)
+    x, caps = _batch(3)
+    xt, s = torch.randn(3, 3, 16, 16), torch.rand(3)
+    with torch.no_grad():
+        for ctx in (text_context(caps), teacher_context(caps, x)):
+            assert torch.equal(deep(xt, s, ctx), src(xt, s, ctx))
+    with pytest.raises(ValueError, match="only depth may grow"):
+        load_deepened(toy_dit_xs(hidden=32, depth=4), src)
+    with pytest.raises(ValueError, match="only depth may grow"):
+        load_deepened(toy_dit_xs(depth=1), src)

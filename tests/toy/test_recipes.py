@@ -46,6 +46,23 @@ def test_pretrain_then_distill_tiny(tmp_path):
     assert json.loads((tmp_path / "turbo-g" / "training.json").read_text())["guidance"] == 2.0
 
 
+def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):
+    """``--init F --rope --extra-blocks 2`` continues F in a deeper RoPE model, records both
+    in training.json and config; ``--extra-blocks`` without ``--init`` is refused."""
+    base = tmp_path / "base"
+    common = ["--size", "XS", "--steps", "2", "--batch", "8", "--ckpt-every", "100", "--threads", "1"]
+    pretrain.main(common + ["--out", str(base), "--state", str(tmp_path / "st.pt")])
+    grown = tmp_path / "grown"
+    pretrain.main(common + ["--out", str(grown), "--state", str(tmp_path / "st2.pt"), "--init", str(base),
+                            "--mixture", "v2t", "--rope", "--extra-blocks", "2"])
+    tr = json.loads((grown / "training.json").read_text())
+    m = ToyDiT.from_pretrained(grown)
+    assert tr["rope"] and tr["depth"] == m.config.depth == ToyDiT.from_pretrained(base).config.depth + 2
+    assert m.config.rope
+    with pytest.raises(SystemExit):
+        pretrain.main(common + ["--out", str(tmp_path / "x"), "--extra-blocks", "1"])
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 6))
 def test_guidance_negative_replaces_only_the_shape_word(seed, n):

@@ -126,23 +126,32 @@ RAW_TARGET_CONCEPTS = {
 }
 
 
-def raw_target_teacher(
-    model: nn.Module, evaluator: ToyEvaluator, concept: str, n: int, steps: int, seed: int = 0
-) -> dict[str, float]:
-    """The in-context teacher given the RAW target (what D-OPSD's teacher sees, no move).
+def raw_target_samples(
+    model: nn.Module, concept: str, n: int, steps: int, seed: int = 0
+) -> tuple[list[D.Spec], Tensor, Tensor]:
+    """(target specs, target images [n,3,16,16], samples [n,3,16,16]) of the in-context
+    teacher given the RAW target (what D-OPSD's teacher sees, no move).
 
-    Targets are the held-out concept's specs (toy_models.world.concepts), captions name the concept
-    with its rare token (pastel: the ordinary caption). Returns ``acc`` (the concept's head:
-    shape ``ell`` / style ``hstripe`` / domain ``pastel``), ``shape_acc`` (the prompt's shape
-    is kept), ``color_acc`` and :func:`placement_overlap`.
+    Targets are the held-out concept's specs (toy_models.world.concepts), captions name the
+    concept with its rare token (pastel: the ordinary caption).
     """
     from toy_models.world.concepts import concept_captions, concept_specs
 
-    head, value = RAW_TARGET_CONCEPTS[concept]
     targets = concept_specs(concept, n, seed + 21)
-    caps = concept_captions(concept, targets)
-    ctx = ToyContext(V.tokenize(caps), D.render_batch(targets), "tokens")
-    x = sample(model, ctx, steps=steps, seed=seed)
+    ref = D.render_batch(targets)
+    ctx = ToyContext(V.tokenize(concept_captions(concept, targets)), ref, "tokens")
+    return targets, ref, sample(model, ctx, steps=steps, seed=seed)
+
+
+def raw_target_teacher(
+    model: nn.Module, evaluator: ToyEvaluator, concept: str, n: int, steps: int, seed: int = 0
+) -> dict[str, float]:
+    """Scores :func:`raw_target_samples`: ``acc`` (the concept's head: shape ``ell`` / style
+    ``hstripe`` / domain ``pastel``), ``shape_acc`` (the prompt's shape is kept), ``color_acc``
+    and :func:`placement_overlap`.
+    """
+    head, value = RAW_TARGET_CONCEPTS[concept]
+    targets, _, x = raw_target_samples(model, concept, n, steps, seed)
     pred = evaluator.predict(x)
     return {
         "acc": M.accuracy(pred[head], [value] * len(targets)),
@@ -162,7 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     jittered reference.
     """
     import argparse
+    import contextlib
     import json
+    import sys
 
     from toy_models.models.dit import ToyDiT
     from toy_models.models.guidance import GuidedDenoiser
@@ -175,16 +186,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grid", default="", help="also save a PNG: per held-out concept, 8 raw targets over the 8 samples")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model: nn.Module = ToyDiT.from_pretrained(a.model).eval()
+    with contextlib.redirect_stdout(sys.stderr):  # huggingface_hub prints on load; stdout stays JSON
+        model: nn.Module = ToyDiT.from_pretrained(a.model).eval()
+        ev = load_evaluator()
     if a.guidance != 1.0:
         model = GuidedDenoiser(model, a.guidance).eval()
-    ev = load_evaluator()
     out = {c: raw_target_teacher(model, ev, c, a.n, a.steps, a.seed) for c in RAW_TARGET_CONCEPTS}
     out["text_only"] = score_prompts(model, ev, D.specs(a.seed, a.n), a.steps, a.seed)
     out["copy_trained_jittered"] = copy_accuracy(model, ev, D.specs(a.seed + 13, a.n), a.steps, "jittered", "tokens", a.seed)
     print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in out.items()}, indent=1))
+    if a.grid:
+        from toy_models.eval.viz import save_grid
+
+        rows = [im for c in RAW_TARGET_CONCEPTS for im in raw_target_samples(model, c, 8, a.steps, a.seed)[1:]]
+        save_grid(torch.cat(rows), a.grid, nrow=8)  # rows: L targets, L samples, stripes …, pastel …
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Architecture (hourglass DiT):
     r      = Patchify2x2(ResBlock_0(Conv3x3(ref))) + pos2d + e_ref   # [B, 64, D], tokens route
                                                                  # (no pos2d when ref_pos=False)
     [z; r] = DiTBlock_c([z; r], text) × depth                    # adaLN-Zero self-attn over
-                                                                 # latent+ref tokens, cross-attn
+                                                                 # latent+ref tokens (2-D RoPE
+                                                                 # when rope=True), cross-attn
                                                                  # to text, depthwise-conv MLP
     v      = ConvHead([Unpatchify(FinalLayer_c(z)); h0])          # zero-init last conv
 
@@ -30,7 +31,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from toy_models.models.context import ToyContext
-from toy_models.models.layers import Attention, SigmaEmbed, modulate, sincos_2d
+from toy_models.models.layers import Attention, SigmaEmbed, modulate, rope_2d, sincos_2d
 from toy_models.models.text_encoder import ToyTextEncoder
 from toy_models.world.vocab import MAX_TOKENS, VOCAB_SIZE
 
@@ -53,6 +54,7 @@ class ToyDiTConfig:
     head_blocks: int = 2  # FiLM ResBlocks at full resolution in the head
     lo_blocks: int = 1  # FiLM ResBlocks at token resolution, before and after the transformer
     ref_pos: bool = True  # reference tokens get the latents' 2-D positions (False: a position-free set)
+    rope: bool = False  # 2-D rotary positions in the joint self-attention (latent and ref tokens on one grid)
 
 
 class ResBlock(nn.Module):
@@ -103,9 +105,11 @@ class DiTBlock(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, N, Fh)
         return self.fc2(F.gelu(h))
 
-    def forward(self, x: Tensor, c: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, c: Tensor, text: Tensor, text_mask: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None
+    ) -> Tensor:
         sa, ca, ga, sx, cx, gx, sm, cm, gm = self.ada(F.silu(c)).chunk(9, -1)
-        x = x + ga[:, None] * self.attn(modulate(self.n1(x), sa, ca))
+        x = x + ga[:, None] * self.attn(modulate(self.n1(x), sa, ca), rope=rope)
         x = x + gx[:, None] * self.cross(modulate(self.n2(x), sx, cx), kv=text, key_mask=text_mask)
         return x + gm[:, None] * self._mlp(modulate(self.n3(x), sm, cm))
 
@@ -134,6 +138,9 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         self.up = nn.ModuleList([ResBlock(D, D) for _ in range(cfg.lo_blocks)])
         self.head_res = nn.ModuleList([ResBlock(C, D) for _ in range(cfg.head_blocks)])
         self.register_buffer("pos", sincos_2d(self.grid, self.grid, D), persistent=False)
+        cos, sin = rope_2d(self.grid, self.grid, D // cfg.heads)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [g², d/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.ref_type = nn.Parameter(torch.zeros(D))
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads, cfg.mlp_ratio, self.grid) for _ in range(cfg.depth)])
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
@@ -182,8 +189,12 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
             c0 = self.sigma_embed(torch.zeros_like(sigma))
             r = self._encode(context.ref.to(x.dtype), c0, pos=self.config.ref_pos)[1] + self.ref_type
             z = torch.cat([z, r], 1)  # [B,128,D]
+        rope = None
+        if self.config.rope:  # every block of 64 tokens (latent, then ref) sits on the same grid
+            reps = z.shape[1] // n_lat
+            rope = (self.rope_cos.repeat(reps, 1).to(z.dtype), self.rope_sin.repeat(reps, 1).to(z.dtype))
         for blk in self.blocks:
-            z = blk(z, c, text, tmask)
+            z = blk(z, c, text, tmask, rope)
         z = z[:, :n_lat]
         if len(self.up):
             g = self.grid
@@ -197,6 +208,26 @@ class ToyDiT(nn.Module, PyTorchModelHubMixin, library_name="dopsd-ref", tags=["d
         for blk in self.head_res:
             h = blk(h, c)
         return self.conv_out(h)
+
+
+def load_deepened(model: ToyDiT, source: ToyDiT) -> None:
+    """Load a shallower ``source`` into ``model`` (same parameters but ``depth``): the extra
+    transformer blocks keep their adaLN-Zero init (gates 0), so each is the identity and
+    ``model`` computes exactly ``source``'s function until training moves them (when the
+    parameter-free position options ``ref_pos`` / ``rope`` are also equal)."""
+    m = model.config
+    src_cfg = dataclasses.replace(source.config, depth=m.depth, ref_pos=m.ref_pos, rope=m.rope)
+    if src_cfg != model.config or source.config.depth > model.config.depth:
+        raise ValueError(f"cannot deepen {source.config} into {model.config}: only depth may grow")
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    new = tuple(f"blocks.{i}." for i in range(source.config.depth, model.config.depth))
+    bad = [k for k in missing if not k.startswith(new)] + list(unexpected)
+    if bad:
+        raise ValueError(f"unexpected parameter mismatch while deepening: {bad[:5]}")
+    for i in range(source.config.depth, model.config.depth):
+        blk = model.blocks[i]
+        if torch.count_nonzero(blk.ada.weight) or torch.count_nonzero(blk.ada.bias):
+            raise ValueError(f"block {i} is not adaLN-Zero initialised")
 
 
 def toy_dit_s(**overrides) -> ToyDiT:

@@ -25,6 +25,34 @@ def sincos_2d(h: int, w: int, dim: int) -> Tensor:
     return torch.cat([sincos_1d(ys.flatten(), dim // 2, 100.0), sincos_1d(xs.flatten(), dim // 2, 100.0)], -1)
 
 
+def rope_angles(ys: Tensor, xs: Tensor, head_dim: int, max_period: float = 100.0) -> tuple[Tensor, Tensor]:
+    """Axial 2-D rotary angles for tokens at rows ys [N] and columns xs [N] → (cos, sin), each [N, head_dim/2].
+
+    Channel pair (i, i + head_dim/2) of a head is rotated by angle θ_i(y, x): the first half
+    of the pairs by ``y·ω_j``, the second half by ``x·ω_j``, ``ω_j = max_period^(−j/(head_dim/4))``.
+    A query at position p and a key at position r then score ``q̃ᵀ R(r − p) k̃``: only the
+    relative position enters (RoFormer, Su et al. 2021).
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = torch.exp(-math.log(max_period) * torch.arange(quarter, dtype=torch.float32) / quarter)
+    ang = torch.cat([ys.float()[:, None] * freqs, xs.float()[:, None] * freqs], -1)  # [N, head_dim/2]
+    return torch.cos(ang), torch.sin(ang)
+
+
+def rope_2d(h: int, w: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """:func:`rope_angles` of a row-major h×w token grid (the order of :func:`sincos_2d`)."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return rope_angles(ys.flatten(), xs.flatten(), head_dim)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (i, i + d/2) of x [B, heads, N, d] by the angles of (cos, sin) [N, d/2]."""
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
 class SigmaEmbed(nn.Module):
     """σ ∈ [0, 1] → sinusoidal(1000·σ) → MLP → [B, dim]."""
 
@@ -40,7 +68,8 @@ class SigmaEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention; self-attention when ``kv`` is None.
 
-    ``key_mask`` [B, Lk] bool, True = may be attended to.
+    ``key_mask`` [B, Lk] bool, True = may be attended to. ``rope`` = (cos, sin) [N, d/2] rotates
+    queries and keys (self-attention only, :func:`rope_2d`).
     """
 
     def __init__(self, dim: int, heads: int) -> None:
@@ -50,12 +79,19 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, kv: Optional[Tensor] = None, key_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, kv: Optional[Tensor] = None, key_mask: Optional[Tensor] = None,
+        rope: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
         B, N, D = x.shape
         src = x if kv is None else kv
         h = self.heads
         q = self.q(x).view(B, N, h, D // h).transpose(1, 2)  # [B,h,N,d]
         k, v = self.kv(src).view(B, src.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2×[B,h,Lk,d]
+        if rope is not None:
+            if kv is not None:
+                raise ValueError("rope applies to self-attention only")
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))

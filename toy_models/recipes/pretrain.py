@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
+from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT, load_deepened
 from toy_models.world.mixture import MIXTURES, pretrain_batch
 from toy_models.recipes.common import EMA, JsonLog, base_parser, fm_loss_sum, lr_at, setup, write_json
 
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixture", default="v1", choices=sorted(MIXTURES), help="base-training mixture (toy_models.world.mixture)")
     p.add_argument("--no-ref-pos", action="store_true",
                    help="reference tokens without 2-D positions (ToyDiTConfig.ref_pos=False): a position-free set")
+    p.add_argument("--rope", action="store_true",
+                   help="2-D rotary positions in the joint self-attention (ToyDiTConfig.rope): relative ref↔latent offsets")
+    p.add_argument("--extra-blocks", type=int, default=0,
+                   help="transformer blocks added after the --init model's (identity at start, adaLN-Zero)")
     p.add_argument("--init", default="", help="start from this model folder's weights (a continuation, e.g. v2 from v1)")
     args = p.parse_args(argv)
     setup(args)
@@ -57,9 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     log = JsonLog(state_path.parent / "log.jsonl")
     mix = MIXTURES[args.mixture]
     late_mix = dataclasses.replace(mix, p_ref=args.late_p_ref)
-    model = TOY_DIT_SIZES[args.size](ref_pos=not args.no_ref_pos).to(args.device)
+    depth = TOY_DIT_SIZES[args.size]().config.depth + args.extra_blocks
+    model = TOY_DIT_SIZES[args.size](ref_pos=not args.no_ref_pos, rope=args.rope, depth=depth).to(args.device)
     if args.init:
-        model.load_state_dict(ToyDiT.from_pretrained(args.init).state_dict())
+        load_deepened(model, ToyDiT.from_pretrained(args.init).to(args.device))
+    elif args.extra_blocks:
+        p.error("--extra-blocks needs --init (the model to deepen)")
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, wall0 = 0, 0.0
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m toy_models.recipes.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "size": args.size, "steps_done": step, "steps_planned": args.steps,
             "batch": args.batch, "lr": args.lr, "ema": args.ema, "params": n_params,
-            "ref_pos": not args.no_ref_pos, "mixture_name": args.mixture, "init": args.init, "init_training": init_training,
+            "ref_pos": not args.no_ref_pos, "rope": args.rope, "depth": depth, "mixture_name": args.mixture, "init": args.init, "init_training": init_training,
             "mixture": dataclasses.asdict(mix), "wall_clock_s": round(wall, 1),
             "history": args.history, "late_from": args.late_from, "late_mixture": dataclasses.asdict(late_mix) if args.late_from else None,
             "jitter_from": args.jitter_from, "jitter_aligned": args.jitter_aligned,
