@@ -94,7 +94,8 @@ def _ref_pair(rng: np.random.Generator, cfg: MixtureConfig, aligned_p: float) ->
         tgt = _text_spec(rng, cfg)
         word = V.SHAPE_TOKEN if rng.random() < cfg.p_rare_word else None
         cap = D.caption(tgt, shape_word=word)
-    ref = D.concept_reference(rng, tgt, aligned=rng.random() < aligned_p, same_color=rng.random() < cfg.p_same_color)
+    ref = D.concept_reference(rng, tgt, aligned=rng.random() < aligned_p, same_color=rng.random() < cfg.p_same_color,
+                              resize=cfg.jitter_size)
     return tgt, ref, cap
 
 
@@ -152,11 +153,15 @@ _V2 = MixtureConfig(
 
 #: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module
 #: doc), ``v2t`` (v2 with translation-only jitter, the size kept: tests whether the size change
-#: is what stops a relocating copy, docs/results/toy_world_v2.md).
+#: is what stops a relocating copy, docs/results/toy_world_v2.md) and ``copy`` (a diagnostic,
+#: not a base mixture: every sample is an unlabelled glyph with a translated reference, so the
+#: whole budget goes to the relocating copy; no text-only samples).
 MIXTURES: dict[str, MixtureConfig] = {
     "v1": MixtureConfig(),
     "v2": _V2,
     "v2t": replace(_V2, jitter_size=False),
+    "copy": MixtureConfig(p_ref=1.0, p_encoder=0.0, p_glyph=1.0, p_style_copy=0.0, aligned_start=0.0,
+                          aligned_end=0.0, jitter_size=False),
 }
 
 
