@@ -47,7 +47,7 @@ def test_pretrain_then_distill_tiny(tmp_path):
 
 
 def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):
-    """``--init F --rope --extra-blocks 2`` continues F in a deeper RoPE model, records both
+    """``--init F --rope --extra-blocks 2`` continues F in a deeper RoPE model (depth = F's + 2), records both
     in training.json and config; ``--extra-blocks`` without ``--init`` is refused."""
     base = tmp_path / "base"
     common = ["--size", "XS", "--steps", "2", "--batch", "8", "--ckpt-every", "100", "--threads", "1"]
@@ -59,6 +59,11 @@ def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):
     m = ToyDiT.from_pretrained(grown)
     assert tr["rope"] and tr["depth"] == m.config.depth == ToyDiT.from_pretrained(base).config.depth + 2
     assert m.config.rope
+    # continuing the deeper model keeps its depth (read from the --init folder, not --size)
+    again = tmp_path / "again"
+    pretrain.main(common + ["--out", str(again), "--state", str(tmp_path / "st3.pt"), "--init", str(grown),
+                            "--mixture", "v2t", "--rope", "--extra-blocks", "1"])
+    assert ToyDiT.from_pretrained(again).config.depth == m.config.depth + 1
     with pytest.raises(SystemExit):
         pretrain.main(common + ["--out", str(tmp_path / "x"), "--extra-blocks", "1"])
 

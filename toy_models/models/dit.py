@@ -230,16 +230,22 @@ def load_deepened(model: ToyDiT, source: ToyDiT) -> None:
             raise ValueError(f"block {i} is not adaLN-Zero initialised")
 
 
+#: The named sizes' configurations (what ``toy_dit_s`` / ``toy_dit_xs`` build before overrides).
+TOY_DIT_CONFIGS = {
+    "S": ToyDiTConfig(),
+    "XS": ToyDiTConfig(hidden=64, depth=2, heads=4, stem_channels=16, text_layers=1),
+}
+
+
 def toy_dit_s(**overrides) -> ToyDiT:
     """Default toy size (~2.2M parameters): hidden 128, 3 transformer blocks, 4 heads, 32 stem channels,
     2 FiLM ResBlocks at 16×16 in stem and head, 1 at 8×8 on each side of the transformer."""
-    return ToyDiT(dataclasses.replace(ToyDiTConfig(), **overrides))
+    return ToyDiT(dataclasses.replace(TOY_DIT_CONFIGS["S"], **overrides))
 
 
 def toy_dit_xs(**overrides) -> ToyDiT:
     """Test size (~0.3M parameters): hidden 64, depth 2."""
-    base = ToyDiTConfig(hidden=64, depth=2, heads=4, stem_channels=16, text_layers=1)
-    return ToyDiT(dataclasses.replace(base, **overrides))
+    return ToyDiT(dataclasses.replace(TOY_DIT_CONFIGS["XS"], **overrides))
 
 
 TOY_DIT_SIZES = {"S": toy_dit_s, "XS": toy_dit_xs}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT, load_deepened
+from toy_models.models.dit import TOY_DIT_CONFIGS, TOY_DIT_SIZES, ToyDiT, load_deepened
 from toy_models.world.mixture import MIXTURES, pretrain_batch
 from toy_models.recipes.common import EMA, JsonLog, base_parser, fm_loss_sum, lr_at, setup, write_json
 
@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     log = JsonLog(state_path.parent / "log.jsonl")
     mix = MIXTURES[args.mixture]
     late_mix = dataclasses.replace(mix, p_ref=args.late_p_ref)
-    depth = TOY_DIT_SIZES[args.size]().config.depth + args.extra_blocks
-    model = TOY_DIT_SIZES[args.size](ref_pos=not args.no_ref_pos, rope=args.rope, depth=depth).to(args.device)
-    if args.init:
-        load_deepened(model, ToyDiT.from_pretrained(args.init).to(args.device))
-    elif args.extra_blocks:
+    if args.extra_blocks and not args.init:
         p.error("--extra-blocks needs --init (the model to deepen)")
+    source = ToyDiT.from_pretrained(args.init).to(args.device) if args.init else None
+    depth = (source.config.depth if source else TOY_DIT_CONFIGS[args.size].depth) + args.extra_blocks
+    model = TOY_DIT_SIZES[args.size](ref_pos=not args.no_ref_pos, rope=args.rope, depth=depth).to(args.device)
+    if source is not None:
+        load_deepened(model, source)
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, wall0 = 0, 0.0
