@@ -1,6 +1,7 @@
 """Recipes run end to end at tiny sizes and write loadable HF-style folders."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from toy_models.models.guidance import GuidedDenoiser, drop_shape_word, guidance
 from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.eval.evaluator import ToyEvaluator
 from toy_models.recipes import distill, pretrain, train_evaluator
+from toy_models.recipes.common import save_atomic, save_pretrained_atomic
 
 
 def test_pretrain_then_distill_tiny(tmp_path):
@@ -48,7 +50,7 @@ def test_pretrain_then_distill_tiny(tmp_path):
 
 def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):
     """``--init F --rope --extra-blocks 2`` continues F in a deeper RoPE model (depth = F's + 2), records both
-    in training.json and config; ``--extra-blocks`` without ``--init`` is refused."""
+    in training.json and config."""
     base = tmp_path / "base"
     common = ["--size", "XS", "--steps", "2", "--batch", "8", "--ckpt-every", "100", "--threads", "1"]
     pretrain.main(common + ["--out", str(base), "--state", str(tmp_path / "st.pt")])
@@ -64,8 +66,55 @@ def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):
     pretrain.main(common + ["--out", str(again), "--state", str(tmp_path / "st3.pt"), "--init", str(grown),
                             "--mixture", "v2t", "--rope", "--extra-blocks", "1"])
     assert ToyDiT.from_pretrained(again).config.depth == m.config.depth + 1
+
+def test_refused_pretrain_writes_nothing(tmp_path, monkeypatch):
+    """A refused command line (``--extra-blocks`` without ``--init``) exits before any file or
+    folder is made (no log under ``runs/``)."""
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        pretrain.main(common + ["--out", str(tmp_path / "x"), "--extra-blocks", "1"])
+        pretrain.main(["--size", "XS", "--steps", "2", "--threads", "1", "--out", "x", "--extra-blocks", "1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _crash_after_partial_write(*args, **kwargs):
+    """Stands in for a writer that dies half-way: some bytes reach the file, then an error."""
+    f = args[1] if len(args) > 1 else kwargs.get("f")
+    if hasattr(f, "write"):
+        f.write(b"partial")
+    raise KeyboardInterrupt
+
+
+def test_recipe_saves_survive_a_crash_mid_write(tmp_path, monkeypatch):
+    """The recipes' resume state and model folders are replaced atomically: a writer that
+    dies half-way leaves the previous state.pt and model files whole and loadable, the other
+    files of the folder untouched, and no temporary file behind."""
+    state = tmp_path / "run" / "state.pt"
+    save_atomic({"step": 1, "w": torch.ones(3)}, state)
+    model_a = TOY_DIT_SIZES["XS"]()
+    save_pretrained_atomic(model_a, tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    assert {"state.pt", "config.json", "model.safetensors"} <= set(before)
+
+    monkeypatch.setattr(torch, "save", _crash_after_partial_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"step": 2, "w": torch.zeros(3)}, state)
+    monkeypatch.undo()
+    model_b = TOY_DIT_SIZES["XS"]()
+
+    def dies(folder, *a, **k):  # one file written, then the crash
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model_b, "save_pretrained", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained_atomic(model_b, tmp_path / "run")
+
+    after = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    assert after == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["run"]
+    assert torch.load(state, weights_only=True)["step"] == 1
+    loaded = ToyDiT.from_pretrained(tmp_path / "run")
+    for (k, a), b in zip(model_a.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)

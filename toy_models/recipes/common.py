@@ -105,3 +105,41 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, fsync, then one ``os.replace``: a crash or Ctrl-C
+    mid-write leaves the previous file whole (the recipes resume from it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_pretrained_atomic(model: Any, out: str | os.PathLike) -> None:
+    """``model.save_pretrained(out)`` through a temporary sibling folder, each file then moved
+    into ``out`` with ``os.replace``: no file in ``out`` is ever half-written (other files
+    in ``out``, such as a recipe's ``state.pt``, are left alone)."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.saving"
+    if tmp.exists():
+        for f in tmp.iterdir():
+            f.unlink()
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()

@@ -34,7 +34,7 @@ from toy_models.models.context import ToyContext
 from toy_models.models.dit import ToyDiT
 from toy_models.models.guidance import guided_velocity
 from toy_models.world.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
-from toy_models.recipes.common import EMA, base_parser, lr_at, setup, write_json
+from toy_models.recipes.common import EMA, base_parser, lr_at, save_atomic, save_pretrained_atomic, setup, write_json
 from toy_models.models.sampling import noise_like
 
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                                         guidance=args.guidance)
             cache.append({"tokens": c.tokens, "ref": c.ref, "route": c.route, "states": states,
                           "guidance": args.guidance, "mixture": args.mixture})
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(cache, cache_path)
+        save_atomic(cache, cache_path)
     t_cache = time.time() - t0
 
     student = ToyDiT.from_pretrained(args.base).train()
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         ema.update(student)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{total:.4f}", refresh=False)
-    ema.model.save_pretrained(args.out)
+    save_pretrained_atomic(ema.model, args.out)
     base_info = {}
     bj = Path(args.base) / "training.json"
     if bj.exists():

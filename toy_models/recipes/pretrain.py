@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from toy_models.models.dit import TOY_DIT_CONFIGS, TOY_DIT_SIZES, ToyDiT, load_deepened
 from toy_models.world.mixture import MIXTURES, pretrain_batch
-from toy_models.recipes.common import EMA, JsonLog, base_parser, fm_loss_sum, lr_at, setup, write_json
+from toy_models.recipes.common import (EMA, JsonLog, base_parser, fm_loss_sum, lr_at, save_atomic, save_pretrained_atomic,
+                                       setup, write_json)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     setup(args)
     out = Path(args.out)
     state_path = Path(args.state or f"runs/{out.name}/state.pt")
-    log = JsonLog(state_path.parent / "log.jsonl")
     mix = MIXTURES[args.mixture]
     late_mix = dataclasses.replace(mix, p_ref=args.late_p_ref)
     if args.extra_blocks and not args.init:
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     model = TOY_DIT_SIZES[args.size](ref_pos=not args.no_ref_pos, rope=args.rope, depth=depth).to(args.device)
     if source is not None:
         load_deepened(model, source)
+    log = JsonLog(state_path.parent / "log.jsonl")
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, wall0 = 0, 0.0
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint(step: int) -> None:
         wall = time.time() - t0
-        ema.model.save_pretrained(out)
+        save_pretrained_atomic(ema.model, out)
         write_json(out / "training.json", {
             "recipe": "toy_models.recipes.pretrain",
             "command": "python -m toy_models.recipes.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -94,9 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             "jitter_from": args.jitter_from, "jitter_aligned": args.jitter_aligned,
             "threads": torch.get_num_threads(),
         })
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict(),
-                    "ema_updates": ema.updates, "step": step, "wall_s": wall}, state_path)
+        save_atomic({"model": model.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict(),
+                     "ema_updates": ema.updates, "step": step, "wall_s": wall}, state_path)
 
     gen = torch.Generator().manual_seed(args.seed)
     model.train()

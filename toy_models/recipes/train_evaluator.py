@@ -23,7 +23,7 @@ from tqdm import tqdm
 from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.eval.evaluator import HEADS, EvaluatorConfig, ToyEvaluator, labels_of
-from toy_models.recipes.common import base_parser, lr_at, setup, write_json
+from toy_models.recipes.common import base_parser, lr_at, save_pretrained_atomic, setup, write_json
 
 ALL_SHAPES = V.KNOWN_SHAPES + (V.NOVEL_SHAPE, "glyph")
 ALL_STYLES = V.KNOWN_STYLES + (V.NOVEL_STYLE,)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     sp = eval_specs(np.random.default_rng([args.seed, 999]), 2000)
     pred = model.predict(D.render_batch(sp).to(args.device))
     acc = {h: float(np.mean([a == getattr(s, h) for a, s in zip(pred[h], sp)])) for h in HEADS}
-    model.save_pretrained(args.out)
+    save_pretrained_atomic(model, args.out)
     write_json(Path(args.out) / "training.json", {
         "recipe": "toy_models.recipes.train_evaluator",
         "command": "python -m toy_models.recipes.train_evaluator " + shlex.join(sys.argv[1:] if argv is None else argv),
