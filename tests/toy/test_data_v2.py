@@ -124,3 +124,34 @@ def test_v2t_jitter_is_a_translation(seed):
             assert ref.size == tgt.size
     pairs = [mix._ref_pair(np.random.default_rng([seed, i]), cfg, 0.0) for i in range(200)]
     assert any(t.size != r.size for t, r, _ in pairs)  # v2 does change sizes
+
+
+def test_v2c_is_v2t_rebalanced_towards_the_translated_copy():
+    """Mixture v2c keeps v2t's kinds of sample and its translation-only jitter but puts 60 %
+    of each batch on references, none on the encoder route, with 5 % aligned at every step,
+    and more of the references on glyphs; text-only samples stay in every batch."""
+    c, t = MIXTURES["v2c"], MIXTURES["v2t"]
+    assert not c.jitter_size and c.p_encoder == 0.0 and c.p_glyph > t.p_glyph
+    assert c.aligned_prob(0.0) == c.aligned_prob(1.0) == 0.05
+    assert sum([c.p_glyph, c.p_style_copy, c.p_fill_family, c.p_domain_only]) < 1.0  # known shapes remain
+    for step in range(3):
+        parts = pretrain_batch(0, step, 40, 0.5, c)
+        refs = [sb for sb in parts if sb.context.has_ref]
+        assert sum(sb.x0.shape[0] for sb in parts) == 40
+        assert [sb.x0.shape[0] for sb in refs] == [24] and all(sb.context.route == "tokens" for sb in refs)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(SEEDS)
+def test_copy_mixture_is_all_translated_glyph_pairs(seed):
+    """The diagnostic mixture ``copy``: every sample carries a reference (no text-only, no
+    encoder route), its concept is an unlabelled glyph, and the reference is the same glyph
+    at the same size but another position."""
+    cfg = MIXTURES["copy"]
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        tgt, ref, _ = mix._ref_pair(rng, cfg, cfg.aligned_prob(0.5))
+        assert tgt.shape == ref.shape == "glyph" and ref.glyph == tgt.glyph and ref.size == tgt.size
+        assert (ref.cx, ref.cy) != (tgt.cx, tgt.cy)
+    parts = pretrain_batch(seed, 0, 16, 0.5, cfg)
+    assert [(sb.x0.shape[0], sb.context.has_ref, sb.context.route) for sb in parts] == [(16, True, "tokens")]
