@@ -12,10 +12,10 @@ Per step the batch is split into three sub-batches, each a single forward pass:
 Curriculum: references start aligned (same position and size), and a growing share is
 jittered (other position/size) as training proceeds (``aligned_prob``).
 
-Two mixtures are named in :data:`MIXTURES`. ``v1`` made the shipped weights up to the
-commit that introduced ``v2`` (70 % aligned references at the end: the teacher learned to
-copy the reference's *placement*, and never saw a domain). ``v2`` (a continuation of v1's
-weights) adds what a VLM's in-context ability carries and v1 lacked:
+The two main mixtures in :data:`MIXTURES` (its other entries are variants, listed there):
+``v1`` made the shipped weights up to the commit that introduced ``v2`` (70 % aligned
+references at the end: the teacher learned to copy the reference's *placement*, and never
+saw a domain). ``v2`` (a continuation of v1's weights) adds what a VLM's in-context ability carries and v1 lacked:
 
 - references mostly jittered by the end (5 % aligned): the concept, not its position;
 - procedural periodic fills (``style="pattern"``, rare token ``zwx``), half of them on a
