@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -129,17 +130,12 @@ def save_pretrained_atomic(model: Any, out: str | os.PathLike) -> None:
     in ``out``, such as a recipe's ``state.pt``, are left alone)."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.saving"
-    if tmp.exists():
-        for f in tmp.iterdir():
-            f.unlink()
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+    tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp)
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
     finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
