@@ -4,6 +4,7 @@ tells a copy of the target's placement from a placement chosen by the noise."""
 import json
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
@@ -43,3 +44,20 @@ def test_evaluate_cli_prints_every_row_and_saves_the_grid(tmp_path, capsys):
     assert {"acc", "shape_acc", "iou_target", "iou_shifted"} <= set(out["ell"])
     w, h = Image.open(grid).size
     assert abs(h / w - 6 / 8) < 0.05, (w, h)
+
+
+def test_evaluate_cli_rows_subset(tmp_path, capsys):
+    """``--rows pastel,text_only`` measures only those rows (and grids only the pastel
+    concept); an unknown row name is refused, naming it and the valid choices."""
+    from toy_models.models.dit import toy_dit_xs
+
+    folder = tmp_path / "m"
+    toy_dit_xs().save_pretrained(folder)
+    grid = tmp_path / "g.png"
+    E.main(["--model", str(folder), "--n", "4", "--steps", "2", "--rows", "pastel,text_only", "--grid", str(grid)])
+    assert set(json.loads(capsys.readouterr().out)) == {"pastel", "text_only"}
+    w, h = Image.open(grid).size
+    assert abs(h / w - 2 / 8) < 0.05, (w, h)
+    with pytest.raises(SystemExit):
+        E.main(["--model", str(folder), "--rows", "pastel,stripes"])
+    assert "unknown ['stripes']" in capsys.readouterr().err
