@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import Tensor, nn
@@ -101,27 +101,30 @@ class JsonLog:
         self.f.flush()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, fsync, then one ``os.replace``: a crash or Ctrl-C
-    mid-write leaves the previous file whole (the recipes resume from it)."""
-    path = Path(path)
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` into a temporary sibling, fsync, then one ``os.replace``: a crash or Ctrl-C
+    mid-write leaves the previous ``path`` whole, and no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """JSON (indent 2) written atomically."""
+    _replace_atomically(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` written atomically (the recipes resume from the previous file if a save
+    is interrupted)."""
+    _replace_atomically(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_pretrained_atomic(model: Any, out: str | os.PathLike) -> None:

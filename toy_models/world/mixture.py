@@ -15,7 +15,8 @@ jittered (other position/size) as training proceeds (``aligned_prob``).
 The two main mixtures in :data:`MIXTURES` (its other entries are variants, listed there):
 ``v1`` made the shipped weights up to the commit that introduced ``v2`` (70 % aligned
 references at the end: the teacher learned to copy the reference's *placement*, and never
-saw a domain). ``v2`` (a continuation of v1's weights) adds what a VLM's in-context ability carries and v1 lacked:
+saw a domain). ``v2`` (a continuation of v1's weights) adds what a VLM's in-context ability
+carries and v1 lacked:
 
 - references mostly jittered by the end (5 % aligned): the concept, not its position;
 - procedural periodic fills (``style="pattern"``, rare token ``zwx``), half of them on a
@@ -153,7 +154,7 @@ _V2 = MixtureConfig(
 
 #: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module
 #: doc), ``v2t`` (v2 with translation-only jitter, the size kept: tests whether the size change
-#: is what stops a relocating copy, docs/results/toy_world_v2.md) and ``copy`` (a diagnostic,
+#: is what stops a relocating copy, docs/results/toy_world_v2.md), ``copy`` (a diagnostic,
 #: not a base mixture: every sample is an unlabelled glyph with a translated reference, so the
 #: whole budget goes to the relocating copy; no text-only samples) and ``v2c`` (v2t
 #: re-balanced for a continuation of a ``copy`` run: 60 % reference samples, none through the
