@@ -155,3 +155,24 @@ def test_copy_mixture_is_all_translated_glyph_pairs(seed):
         assert (ref.cx, ref.cy) != (tgt.cx, tgt.cy)
     parts = pretrain_batch(seed, 0, 16, 0.5, cfg)
     assert [(sb.x0.shape[0], sb.context.has_ref, sb.context.route) for sb in parts] == [(16, True, "tokens")]
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(SEEDS)
+def test_domain_mixture_is_the_pastel_rows_task_in_fresh_domains(seed):
+    """The diagnostic mixture ``domain``: every reference sample is in a fresh procedural
+    domain (never pastel) shared by target and reference, its caption names the target's
+    shape with the real word (the reference carries only the domain, as in the pastel row),
+    and the reference has the target's shape or (domain-only pairs) another one; 40 % of each
+    batch stays text-only."""
+    cfg = MIXTURES["domain"]
+    rng = np.random.default_rng(seed)
+    same = other = 0
+    for _ in range(40):
+        tgt, ref, cap = mix._ref_pair(rng, cfg, cfg.aligned_prob(0.5))
+        assert tgt.domain.startswith("fam:") and ref.domain == tgt.domain
+        assert tgt.shape in V.KNOWN_SHAPES and tgt.shape in cap.split() and V.SHAPE_TOKEN not in cap.split()
+        same, other = same + (ref.shape == tgt.shape), other + (ref.shape != tgt.shape)
+    assert same and other
+    parts = pretrain_batch(seed, 0, 20, 0.5, cfg)
+    assert [(sb.x0.shape[0], sb.context.has_ref) for sb in parts] == [(8, False), (12, True)]

@@ -108,3 +108,33 @@ def test_feature_distance_rejects_unpaired_inputs():
     with pytest.raises(ValueError, match="pairs"):
         M.feature_distance(_FlatEmbed(), torch.zeros(3, 3, 2, 2), torch.zeros(4, 3, 2, 2))
 
+
+
+@FAST
+@given(st.integers(0, 10_000))
+def test_silhouette_is_the_same_in_every_domain(seed):
+    """``silhouette`` reads only where the shape is: a solid spec rendered in the base palette,
+    the held-out pastel and two fresh procedural domains re-renders to the same image (within
+    1e-4), because a pixel's distance from the background is its coverage times one
+    shape/background contrast, which the normalisation divides out."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    specs = [s.replace(style="solid", fill=None) for s in D.specs(seed, 16)]
+    base = M.silhouette(D.render_batch(specs))
+    for dom in ("pastel", D.random_domain(rng), D.random_domain(rng)):
+        other = M.silhouette(D.render_batch([s.replace(domain=dom) for s in specs]))
+        assert (other - base).abs().max().item() < 1e-4, dom
+
+
+def test_silhouette_keeps_a_flat_image_flat():
+    """An image without a shape stays empty (base white), and a faint blemish below the least
+    contrast a domain may have (0.12) stays faint instead of being stretched into a shape."""
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    white = M.silhouette(flat)
+    assert (white - white[:, :, :1, :1]).abs().max().item() == 0.0
+    blemish = flat.clone()
+    blemish[:, :, 8, 8] += 0.04  # RGB distance 0.02·√3 ≈ 0.035 in [0, 1] units: α ≈ 0.29
+    full = 2 * (torch.tensor(D.PALETTES["base"]["blue"]) - torch.tensor(D.PALETTES["base"]["white"])).abs().max()
+    faint = (M.silhouette(blemish) - white).abs().max()
+    assert 0.2 * full < faint < 0.4 * full

@@ -29,6 +29,24 @@ def test_placement_overlap_tells_a_placement_copy_from_a_moved_one(seed):
     assert free["iou_target"] < copied["iou_target"] - 0.4
 
 
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000))
+def test_family_domain_specs_are_fresh_training_family_domains(seed):
+    """The family-domain row's targets are known shapes, each in its own procedural domain of
+    the training family (never the held-out pastel, never within its hole), and the same
+    seed gives the same targets."""
+    from toy_models.world.vocab import KNOWN_SHAPES
+
+    specs = E.family_domain_specs(24, seed)
+    assert specs == E.family_domain_specs(24, seed)
+    assert all(s.shape in KNOWN_SHAPES for s in specs)
+    assert len({s.domain for s in specs}) == len(specs)
+    pastel = D.PALETTES["pastel"]
+    for s in specs:
+        assert s.domain.startswith("fam:")
+        assert D.palette_distance_between(D.domain_palette(s.domain), pastel) >= D.DOMAIN_HOLDOUT
+
+
 def test_evaluate_cli_prints_every_row_and_saves_the_grid(tmp_path, capsys):
     """``python -m toy_models.eval.evaluate --model F --grid P`` prints the raw-target rows for
     the three held-out concepts plus text-only and jittered-copy rows, and saves 6 rows of 8
@@ -40,8 +58,9 @@ def test_evaluate_cli_prints_every_row_and_saves_the_grid(tmp_path, capsys):
     grid = tmp_path / "g.png"
     E.main(["--model", str(folder), "--n", "8", "--steps", "2", "--grid", str(grid)])
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"ell", "hstripe", "pastel", "text_only", "copy_trained_jittered"}
-    assert {"acc", "shape_acc", "iou_target", "iou_shifted"} <= set(out["ell"])
+    assert set(out) == {"ell", "hstripe", "pastel", "text_only", "copy_trained_jittered", "family_domain"}
+    assert {"acc", "shape_acc", "shape_acc_silhouette", "iou_target", "iou_shifted"} <= set(out["ell"])
+    assert set(out["family_domain"]) == {"shape_acc", "shape_acc_clean"}
     w, h = Image.open(grid).size
     assert abs(h / w - 6 / 8) < 0.05, (w, h)
 

@@ -66,6 +66,27 @@ def foreground(x: Tensor, bgs: Sequence[str], domain: str = "base", thresh: floa
     return (rgb - bg).norm(dim=1) > thresh
 
 
+def silhouette(x: Tensor, min_contrast: float = 0.12) -> Tensor:
+    """A palette-free re-rendering of images [N,3,H,W] in [-1, 1]: each image's shape
+    redrawn as a base blue shape on a base white background, so the evaluator's shape head
+    can read images in any domain (it was trained on the base and pastel palettes only).
+
+    With ``b`` the median of an image's border pixels and ``d(p) = ‖rgb(p) − b‖`` a pixel's
+    RGB distance from it, the pixel's opacity is ``α(p) = d(p) / max(max_p d, min_contrast)``
+    (the floor keeps a flat image flat; 0.12 is the least shape/background contrast a
+    procedural domain may have, :func:`toy_models.world.data.random_domain`).
+    """
+    rgb = (x.float() + 1) / 2  # [N,3,H,W]
+    border = torch.cat([rgb[:, :, 0], rgb[:, :, -1], rgb[:, :, 1:-1, 0], rgb[:, :, 1:-1, -1]], dim=2)  # [N,3,P]
+    bg = border.median(dim=2).values[:, :, None, None]  # [N,3,1,1]
+    d = (rgb - bg).norm(dim=1, keepdim=True)  # [N,1,H,W]
+    alpha = d / d.flatten(1).max(dim=1).values.clamp_min(min_contrast)[:, None, None, None]
+    pal = D.PALETTES["base"]
+    fg = torch.tensor(pal["blue"])[None, :, None, None]
+    white = torch.tensor(pal["white"])[None, :, None, None]
+    return 2 * (alpha * fg + (1 - alpha) * white) - 1
+
+
 def copy_iou(x: Tensor, specs: Sequence[D.Spec]) -> float:
     """Mean IoU of generated foreground vs the coverage (> 0.5) of the given specs' shapes."""
     fg = foreground(x, [s.bg for s in specs], specs[0].domain)
