@@ -80,3 +80,24 @@ def test_evaluate_cli_rows_subset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         E.main(["--model", str(folder), "--rows", "pastel,stripes"])
     assert "unknown ['stripes']" in capsys.readouterr().err
+
+
+def test_evaluate_cli_negative_is_applied(tmp_path, capsys, monkeypatch):
+    """``--negative keep_reference`` guides with the domain-keeping c⁻ (the default is the
+    distillation's, ``drop_reference``); an unknown name is refused."""
+    from toy_models.models import guidance as G
+    from toy_models.models.dit import toy_dit_xs
+
+    folder = tmp_path / "m"
+    toy_dit_xs().save_pretrained(folder)
+    seen = []
+    for name, fn in list(G.NEGATIVES.items()):
+        monkeypatch.setitem(G.NEGATIVES, name, lambda ctx, fn=fn, name=name: seen.append(name) or fn(ctx))
+    args = ["--model", str(folder), "--n", "2", "--steps", "1", "--guidance", "3", "--rows", "pastel"]
+    E.main(args)
+    E.main(args + ["--negative", "keep_reference"])
+    assert seen == ["drop_reference", "keep_reference"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        E.main(args + ["--negative", "none"])
+    assert "--negative" in capsys.readouterr().err

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
-from toy_models.models.guidance import GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity
+from toy_models.models.guidance import (NEGATIVES, GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity,
+                                        keep_reference_negative)
 
 from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.eval.evaluator import ToyEvaluator
@@ -163,6 +164,25 @@ def test_drop_shape_word_removes_only_the_shape_word(seed, n):
     tok = V.tokenize([D.caption(s) for s in specs])
     got = V.detokenize(drop_shape_word(ToyContext(tok)).tokens)
     assert got == [" ".join(w for w in D.caption(s).split() if w not in V.KNOWN_SHAPES) for s in specs]
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6))
+def test_keep_reference_negative_keeps_the_domain(seed, n):
+    """The domain-keeping c⁻: a reference context whose captions name their shapes keeps its
+    reference and route, with only the shape words replaced by ``sks``; text-only contexts,
+    and reference contexts whose caption already says ``sks``, get :func:`guidance_negative`."""
+    specs = D.specs(seed, n)
+    tok = V.tokenize([D.caption(s) for s in specs])
+    ref = D.render_batch([s.replace(domain="pastel") for s in specs])
+    neg = keep_reference_negative(ToyContext(tok, ref, "tokens"))
+    assert neg.route == "tokens" and torch.equal(neg.ref, ref)
+    assert torch.equal(neg.tokens, V.tokenize([D.caption(s, shape_word=V.SHAPE_TOKEN) for s in specs]))
+    for ctx in (ToyContext(tok), ToyContext(neg.tokens, ref, "tokens")):
+        want = guidance_negative(ctx)
+        got = keep_reference_negative(ctx)
+        assert got.has_ref == want.has_ref and torch.equal(got.tokens, want.tokens)
+    assert NEGATIVES["drop_reference"] is guidance_negative and NEGATIVES["keep_reference"] is keep_reference_negative
 
 
 def test_train_evaluator_tiny(tmp_path):

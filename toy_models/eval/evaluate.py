@@ -213,13 +213,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import sys
 
     from toy_models.models.dit import ToyDiT
-    from toy_models.models.guidance import GuidedDenoiser
+    from toy_models.models.guidance import NEGATIVES, GuidedDenoiser
     from toy_models.models.hub import load_evaluator
 
     p = argparse.ArgumentParser(description="teacher diagnostic of a toy model folder")
     p.add_argument("--model", required=True, help="HF-style model folder")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1 = none; the distillation's is 3)")
+    p.add_argument("--negative", default="drop_reference", choices=sorted(NEGATIVES),
+                   help="guidance negative c⁻ for w != 1 (toy_models.models.guidance; the distillation's: drop_reference)")
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -236,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model: nn.Module = ToyDiT.from_pretrained(a.model).eval()
         ev = load_evaluator()
     if a.guidance != 1.0:
-        model = GuidedDenoiser(model, a.guidance).eval()
+        model = GuidedDenoiser(model, a.guidance, NEGATIVES[a.negative]).eval()
     out = {c: raw_target_teacher(model, ev, c, a.n, a.steps, a.seed) for c in RAW_TARGET_CONCEPTS if c in rows}
     if "text_only" in rows:
         out["text_only"] = score_prompts(model, ev, D.specs(a.seed, a.n), a.steps, a.seed)

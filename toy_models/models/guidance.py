@@ -45,6 +45,30 @@ def guidance_negative(ctx: ToyContext) -> ToyContext:
     return ToyContext(tok)
 
 
+def keep_reference_negative(ctx: ToyContext) -> ToyContext:
+    """Alternative c⁻ that keeps the domain (an option, not the distillation's): for a
+    reference context whose caption names a known shape, the *same reference* with the shape
+    word replaced by ``sks``, so both branches see the reference's palette and the guided
+    difference is only "the named shape" (with c⁻ = no reference, w = 3 also extrapolates the
+    palette change at every pixel, docs/results/toy_world_v2.md). Any other context:
+    :func:`guidance_negative`.
+    """
+    if not ctx.has_ref:
+        return guidance_negative(ctx)
+    named = torch.isin(ctx.tokens, _SHAPE_IDS.to(ctx.tokens.device))  # [B, L]
+    if not bool(named.any(dim=1).all()):
+        return guidance_negative(ctx)
+    tok = ctx.tokens.clone()
+    tok[named] = V.WORD_TO_ID[V.SHAPE_TOKEN]
+    return ToyContext(tok, ctx.ref, ctx.route)
+
+
+#: Guidance negatives by name (``evaluate --negative``).
+NEGATIVES: dict[str, Callable[[ToyContext], ToyContext]] = {
+    "drop_reference": guidance_negative, "keep_reference": keep_reference_negative,
+}
+
+
 def drop_shape_word(ctx: ToyContext) -> ToyContext:
     """Alternative c⁻ (measured worse, kept for the sweep): the caption without its shape word."""
     drop = {0, *_SHAPE_IDS.tolist()}
