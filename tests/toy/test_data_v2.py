@@ -176,3 +176,19 @@ def test_domain_mixture_is_the_pastel_rows_task_in_fresh_domains(seed):
     assert same and other
     parts = pretrain_batch(seed, 0, 20, 0.5, cfg)
     assert [(sb.x0.shape[0], sb.context.has_ref) for sb in parts] == [(8, False), (12, True)]
+
+
+def test_v2d_is_v2c_with_a_larger_domain_share():
+    """Mixture v2d is v2c with more of each batch in a procedural domain (36 % against 21 %),
+    the room taken from glyph pairs; every other field is v2c's."""
+    c, d = MIXTURES["v2c"], MIXTURES["v2d"]
+
+    def share(m):
+        return m.p_ref * (m.p_domain_only + (1 - m.p_domain_only) * m.p_domain)
+
+    assert replace(d, p_glyph=c.p_glyph, p_domain_only=c.p_domain_only, p_domain=c.p_domain) == c
+    assert abs(share(d) - 0.36) < 1e-9 and abs(share(c) - 0.213) < 1e-3
+    rng = np.random.default_rng(0)
+    pairs = [mix._ref_pair(rng, d, 0.05) for _ in range(400)]
+    in_domain = sum(t.domain.startswith("fam:") for t, _, _ in pairs) / len(pairs)
+    assert abs(in_domain - 0.6) < 0.08  # 0.36 / p_ref

@@ -159,7 +159,8 @@ _V2 = MixtureConfig(
 #: whole budget goes to the relocating copy; no text-only samples), ``v2c`` (v2t
 #: re-balanced for a continuation of a ``copy`` run: 60 % reference samples, none through the
 #: encoder route, 40 % of them translated glyph pairs, 5 % aligned throughout; text-only,
-#: fills and domains kept), and ``domain`` (a diagnostic like ``copy``, for the pastel row's
+#: fills and domains kept), ``v2d`` (v2c with a larger domain share: 36 % of each batch in a
+#: procedural domain, against v2c's 21 %), and ``domain`` (a diagnostic like ``copy``, for the pastel row's
 #: task: 60 % reference samples, every one in a fresh procedural domain with a caption that
 #: names the shape, 30 % of them domain-only pairs and the rest same-shape references, 5 %
 #: aligned; text-only samples kept; no glyphs or fills).
@@ -169,6 +170,8 @@ MIXTURES: dict[str, MixtureConfig] = {
     "v2t": replace(_V2, jitter_size=False),
     "v2c": replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.4, p_style_copy=0.06,
                    p_fill_family=0.14, p_domain_only=0.14, aligned_start=0.05, aligned_end=0.05),
+    "v2d": replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.3, p_style_copy=0.06,
+                   p_fill_family=0.14, p_domain_only=0.2, p_domain=0.5, aligned_start=0.05, aligned_end=0.05),
     "domain": replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.0, p_style_copy=0.0,
                       p_fill_family=0.0, p_domain_only=0.3, p_domain=1.0, p_rare_word=0.0,
                       aligned_start=0.05, aligned_end=0.05),
