@@ -12,7 +12,7 @@ from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
 from toy_models.models.guidance import (NEGATIVES, GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity,
-                                        keep_reference_negative)
+                                        concept_token_negative, keep_reference_negative)
 
 from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.eval.evaluator import ToyEvaluator
@@ -183,6 +183,30 @@ def test_keep_reference_negative_keeps_the_domain(seed, n):
         got = keep_reference_negative(ctx)
         assert got.has_ref == want.has_ref and torch.equal(got.tokens, want.tokens)
     assert NEGATIVES["drop_reference"] is guidance_negative and NEGATIVES["keep_reference"] is keep_reference_negative
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 6))
+def test_concept_token_negative_follows_what_the_caption_defers(seed, n):
+    """The concept-token c⁻: captions with ``sks`` or ``zwx`` (the concept is the reference's)
+    drop the reference; captions that name everything keep it with the shape word replaced
+    by ``sks``; text-only contexts get the plain negative; a reference batch mixing both kinds
+    is refused, naming the rows."""
+    specs = D.specs(seed, n)
+    ref = D.render_batch(specs)
+    named = ToyContext(V.tokenize([D.caption(s) for s in specs]), ref, "tokens")
+    for word in ("shape_word", "style_word"):
+        rare = ToyContext(V.tokenize([D.caption(s, **{word: V.SHAPE_TOKEN if word == "shape_word" else V.STYLE_TOKEN})
+                                      for s in specs]), ref, "tokens")
+        got = concept_token_negative(rare)
+        assert not got.has_ref and torch.equal(got.tokens, rare.tokens)
+    got, want = concept_token_negative(named), keep_reference_negative(named)
+    assert got.has_ref and torch.equal(got.tokens, want.tokens) and torch.equal(got.ref, ref)
+    text = ToyContext(named.tokens)
+    assert torch.equal(concept_token_negative(text).tokens, guidance_negative(text).tokens)
+    mixed = V.tokenize([D.caption(specs[0], shape_word=V.SHAPE_TOKEN)] + [D.caption(s) for s in specs[1:]])
+    with pytest.raises(ValueError, match=r"rows \[0\] of"):
+        concept_token_negative(ToyContext(mixed, ref, "tokens"))
 
 
 def test_train_evaluator_tiny(tmp_path):

@@ -63,9 +63,34 @@ def keep_reference_negative(ctx: ToyContext) -> ToyContext:
     return ToyContext(tok, ctx.ref, ctx.route)
 
 
+_RARE_IDS = torch.tensor([V.WORD_TO_ID[V.SHAPE_TOKEN], V.WORD_TO_ID[V.STYLE_TOKEN]])
+
+
+def concept_token_negative(ctx: ToyContext) -> ToyContext:
+    """c⁻ chosen by what the caption leaves to the reference (an option): captions holding a
+    rare concept token (``sks`` shape, ``zwx`` fill) defer that concept to the reference, so
+    c⁻ drops the reference (:func:`guidance_negative`, guidance towards the reference's
+    concept); captions that name everything leave the reference only its domain, so c⁻
+    keeps it (:func:`keep_reference_negative`, guidance towards the named shape alone).
+
+    Raises:
+        ValueError: a reference batch mixes both kinds of caption (guide them separately).
+    """
+    if not ctx.has_ref:
+        return guidance_negative(ctx)
+    rare = torch.isin(ctx.tokens, _RARE_IDS.to(ctx.tokens.device)).any(dim=1)  # [B]
+    if bool(rare.all()):
+        return guidance_negative(ctx)
+    if not bool(rare.any()):
+        return keep_reference_negative(ctx)
+    raise ValueError(f"concept_token_negative: rows {rare.nonzero().flatten().tolist()} of {len(rare)} hold a rare "
+                     "concept token and the others do not; guide the two kinds in separate batches")
+
+
 #: Guidance negatives by name (``evaluate --negative``).
 NEGATIVES: dict[str, Callable[[ToyContext], ToyContext]] = {
     "drop_reference": guidance_negative, "keep_reference": keep_reference_negative,
+    "concept_token": concept_token_negative,
 }
 
 
