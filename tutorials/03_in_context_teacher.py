@@ -186,7 +186,9 @@ for name, rows in list(stats.items())[1:]:
 # the prompt's shape (0.11). That loss, too, was data share plus guidance. Fresh domains of
 # the training family lose the shape as badly, so it is not a generalisation gap. A mixture
 # that gives domain pairs the budget draws pastel with the prompt's shape (0.95 unguided).
-# Under w = 3 the shape survives only with a guidance negative that keeps the reference.
+# Under w = 3 the shape survives only with a guidance negative that keeps the reference. A
+# negative chosen by the caption keeps the stripes as well: drop the reference when the
+# caption says `sks`/`zwx`, keep it otherwise.
 # None of these met every target, so the shipped
 # teacher (raw target: L 1.00, stripes 0.64, pastel 0.00, `toy_models/weights/acceptance.json`)
 # stays, with the moved target.
