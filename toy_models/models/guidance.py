@@ -7,7 +7,9 @@ its recipe caches the base model's ODE under the guided velocity
 
 and the student learns to follow it without guidance. The toy base was never trained with
 an empty caption, so the negative context c⁻ is built from the positive one
-(:func:`guidance_negative`).
+(:func:`guidance_negative`). Two alternatives that keep a reference's domain out of the
+guided difference, :func:`keep_reference_negative` and :func:`concept_token_negative`, are
+options of ``evaluate --negative`` (:data:`NEGATIVES`), not the distillation's.
 
     python -m toy_models.models.guidance --n 256 --steps 16      # the sweep quoted in toy_models/README.md
 """
