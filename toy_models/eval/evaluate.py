@@ -138,9 +138,16 @@ def raw_target_samples(
     from toy_models.world.concepts import concept_captions, concept_specs
 
     targets = concept_specs(concept, n, seed + 21)
-    ref = D.render_batch(targets)
-    ctx = ToyContext(V.tokenize(concept_captions(concept, targets)), ref, "tokens")
-    return targets, ref, sample(model, ctx, steps=steps, seed=seed)
+    return (targets, *reference_samples(model, targets, concept_captions(concept, targets), steps, seed))
+
+
+def reference_samples(model: nn.Module, targets: Sequence[D.Spec], captions: Sequence[str], steps: int, seed: int
+                      ) -> tuple[Tensor, Tensor]:
+    """(target images [n,3,16,16], samples [n,3,16,16]): each target's own render as the
+    reference (token route) with its caption."""
+    ref = D.render_batch(list(targets))
+    ctx = ToyContext(V.tokenize(list(captions)), ref, "tokens")
+    return ref, sample(model, ctx, steps=steps, seed=seed)
 
 
 def raw_target_teacher(
@@ -185,9 +192,7 @@ def family_domain_teacher(model: nn.Module, evaluator: ToyEvaluator, n: int, ste
     comes with any domain reference.
     """
     targets = family_domain_specs(n, seed)
-    ref = D.render_batch(targets)
-    ctx = ToyContext(V.tokenize([D.caption(t) for t in targets]), ref, "tokens")
-    x = sample(model, ctx, steps=steps, seed=seed)
+    ref, x = reference_samples(model, targets, [D.caption(t) for t in targets], steps, seed)
     shapes = [t.shape for t in targets]
     return {"shape_acc": M.accuracy(evaluator.predict(M.silhouette(x))["shape"], shapes),
             "shape_acc_clean": M.accuracy(evaluator.predict(M.silhouette(ref))["shape"], shapes)}

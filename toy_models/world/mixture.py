@@ -152,6 +152,9 @@ _V2 = MixtureConfig(
     p_domain_only=0.14, p_domain=0.25, aligned_start=0.5, aligned_end=0.05, curriculum=(0.0, 0.35),
 )
 
+_V2C = replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.4, p_style_copy=0.06,
+               p_fill_family=0.14, p_domain_only=0.14, aligned_start=0.05, aligned_end=0.05)
+
 #: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module
 #: doc), ``v2t`` (v2 with translation-only jitter, the size kept: tests whether the size change
 #: is what stops a relocating copy, docs/results/toy_world_v2.md), ``copy`` (a diagnostic,
@@ -159,22 +162,19 @@ _V2 = MixtureConfig(
 #: whole budget goes to the relocating copy; no text-only samples), ``v2c`` (v2t
 #: re-balanced for a continuation of a ``copy`` run: 60 % reference samples, none through the
 #: encoder route, 40 % of them translated glyph pairs, 5 % aligned throughout; text-only,
-#: fills and domains kept), ``v2d`` (v2c with a larger domain share: 36 % of each batch in a
-#: procedural domain, against v2c's 21 %), and ``domain`` (a diagnostic like ``copy``, for the pastel row's
-#: task: 60 % reference samples, every one in a fresh procedural domain with a caption that
-#: names the shape, 30 % of them domain-only pairs and the rest same-shape references, 5 %
-#: aligned; text-only samples kept; no glyphs or fills).
+#: fills and domains kept), ``v2d`` (v2c with a larger domain share: 36 % of each batch in
+#: a procedural domain, against v2c's 21 %) and ``domain`` (a diagnostic like ``copy``, for
+#: the pastel row's task: v2c's 60 % reference samples, every one in a fresh procedural
+#: domain with a caption that names the shape, 30 % of them domain-only pairs and the rest
+#: same-shape references; text-only samples kept; no glyphs or fills).
 MIXTURES: dict[str, MixtureConfig] = {
     "v1": MixtureConfig(),
     "v2": _V2,
     "v2t": replace(_V2, jitter_size=False),
-    "v2c": replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.4, p_style_copy=0.06,
-                   p_fill_family=0.14, p_domain_only=0.14, aligned_start=0.05, aligned_end=0.05),
-    "v2d": replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.3, p_style_copy=0.06,
-                   p_fill_family=0.14, p_domain_only=0.2, p_domain=0.5, aligned_start=0.05, aligned_end=0.05),
-    "domain": replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.0, p_style_copy=0.0,
-                      p_fill_family=0.0, p_domain_only=0.3, p_domain=1.0, p_rare_word=0.0,
-                      aligned_start=0.05, aligned_end=0.05),
+    "v2c": _V2C,
+    "v2d": replace(_V2C, p_glyph=0.3, p_domain_only=0.2, p_domain=0.5),
+    "domain": replace(_V2C, p_glyph=0.0, p_style_copy=0.0, p_fill_family=0.0, p_domain_only=0.3, p_domain=1.0,
+                      p_rare_word=0.0),
     "copy": MixtureConfig(p_ref=1.0, p_encoder=0.0, p_glyph=1.0, p_style_copy=0.0, aligned_start=0.0,
                           aligned_end=0.0, jitter_size=False),
 }
