@@ -192,3 +192,20 @@ def test_v2d_is_v2c_with_a_larger_domain_share():
     pairs = [mix._ref_pair(rng, d, 0.05) for _ in range(400)]
     in_domain = sum(t.domain.startswith("fam:") for t, _, _ in pairs) / len(pairs)
     assert abs(in_domain - 0.6) < 0.08  # 0.36 / p_ref
+
+
+def test_v2e_keeps_v2c_glyph_share_and_v2d_domain_share():
+    """Mixture v2e puts v2c's share of each batch on glyph pairs (28 %) and more than v2d's in
+    a procedural domain (42 %), the room taken from text-only samples (30 %) and fills; the
+    placement fields are v2c's. Drawn pairs match the configured shares."""
+    c, e = MIXTURES["v2c"], MIXTURES["v2e"]
+    assert abs(e.p_ref * e.p_glyph - 0.28) < 1e-9 and abs(c.p_ref * c.p_glyph - 0.24) < 1e-9
+    assert abs(e.p_ref * (e.p_domain_only + (1 - e.p_domain_only) * e.p_domain) - 0.42) < 1e-9
+    assert (e.aligned_start, e.aligned_end, e.jitter_size, e.p_encoder) == (c.aligned_start, c.aligned_end, False, 0.0)
+    rng = np.random.default_rng(1)
+    pairs = [mix._ref_pair(rng, e, 0.05) for _ in range(500)]
+    glyph = sum(t.shape == "glyph" for t, _, _ in pairs) / len(pairs)
+    in_domain = sum(t.domain.startswith("fam:") for t, _, _ in pairs) / len(pairs)
+    assert abs(glyph - 0.4) < 0.07 and abs(in_domain - 0.6) < 0.07  # 0.28 and 0.42 over p_ref
+    parts = pretrain_batch(0, 0, 20, 0.5, e)
+    assert [(sb.x0.shape[0], sb.context.has_ref) for sb in parts] == [(6, False), (14, True)]

@@ -12,7 +12,7 @@ from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
 from toy_models.models.guidance import (NEGATIVES, GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity,
-                                        concept_token_negative, keep_reference_negative)
+                                        concept_token_negative, keep_reference_negative, split_by_caption_kind)
 
 from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.eval.evaluator import ToyEvaluator
@@ -47,6 +47,19 @@ def test_pretrain_then_distill_tiny(tmp_path):
         distill.main(g_args + ["--cache", str(tmp_path / "cache.pt")])
     distill.main(g_args + ["--cache", str(tmp_path / "cache-g.pt")])
     assert json.loads((tmp_path / "turbo-g" / "training.json").read_text())["guidance"] == 2.0
+    # the concept-token negative: a cache made under another negative is refused; its own
+    # cache holds the reference contexts in groups that each hold one caption kind
+    with pytest.raises(ValueError, match="cache-g.pt.*negative 'drop_reference'"):
+        distill.main(g_args + ["--negative", "concept_token", "--cache", str(tmp_path / "cache-g.pt")])
+    ct_args = g_args + ["--negative", "concept_token", "--mixture", "v2e", "--ref-aligned", "0.05",
+                        "--cache", str(tmp_path / "cache-ct.pt")]
+    distill.main(ct_args)
+    cache = torch.load(tmp_path / "cache-ct.pt", weights_only=True)
+    assert {g["negative"] for g in cache} == {"concept_token"}
+    assert sum(g["states"].shape[0] for g in cache if g["ref"] is not None) == 8
+    for g in cache[1:]:
+        concept_token_negative(ToyContext(g["tokens"], g["ref"], g["route"]))  # raises on a mixed group
+    assert json.loads((tmp_path / "turbo-g" / "training.json").read_text())["negative"] == "concept_token"
 
 
 def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):
@@ -207,6 +220,26 @@ def test_concept_token_negative_follows_what_the_caption_defers(seed, n):
     mixed = V.tokenize([D.caption(specs[0], shape_word=V.SHAPE_TOKEN)] + [D.caption(s) for s in specs[1:]])
     with pytest.raises(ValueError, match=r"rows \[0\] of"):
         concept_token_negative(ToyContext(mixed, ref, "tokens"))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 8), kinds=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_split_by_caption_kind_partitions_rows_for_the_concept_token_negative(seed, n, kinds):
+    """Splitting a reference batch by caption kind keeps every row exactly once (rare-token
+    rows first, in order), leaves no empty part, and gives parts the concept-token c⁻
+    accepts; a text-only batch stays whole."""
+    specs = D.specs(seed, n)
+    caps = [D.caption(s, shape_word=V.SHAPE_TOKEN) if k else D.caption(s) for s, k in zip(specs, kinds)]
+    ctx = ToyContext(V.tokenize(caps), D.render_batch(specs), "tokens")
+    parts = split_by_caption_kind(ctx)
+    order = [i for i in range(n) if kinds[i]] + [i for i in range(n) if not kinds[i]]
+    assert all(p.batch_size for p in parts) and len(parts) == len({kinds[i] for i in range(n)})
+    joined = ToyContext.cat(parts)
+    assert torch.equal(joined.tokens, ctx.tokens[order]) and torch.equal(joined.ref, ctx.ref[order])
+    for part in parts:
+        concept_token_negative(part)
+    text = ToyContext(ctx.tokens)
+    assert split_by_caption_kind(text) == [text]
 
 
 def test_train_evaluator_tiny(tmp_path):

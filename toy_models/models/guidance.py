@@ -9,7 +9,8 @@ and the student learns to follow it without guidance. The toy base was never tra
 an empty caption, so the negative context c⁻ is built from the positive one
 (:func:`guidance_negative`). Two alternatives that keep a reference's domain out of the
 guided difference, :func:`keep_reference_negative` and :func:`concept_token_negative`, are
-options of ``evaluate --negative`` (:data:`NEGATIVES`), not the distillation's.
+options of ``evaluate --negative`` and ``distill --negative`` (:data:`NEGATIVES`); the
+distillation's default is :func:`guidance_negative`.
 
     python -m toy_models.models.guidance --n 256 --steps 16      # the sweep quoted in toy_models/README.md
 """
@@ -80,7 +81,7 @@ def concept_token_negative(ctx: ToyContext) -> ToyContext:
     """
     if not ctx.has_ref:
         return guidance_negative(ctx)
-    rare = torch.isin(ctx.tokens, _RARE_IDS.to(ctx.tokens.device)).any(dim=1)  # [B]
+    rare = concept_token_rows(ctx)  # [B]
     if bool(rare.all()):
         return guidance_negative(ctx)
     if not bool(rare.any()):
@@ -89,7 +90,22 @@ def concept_token_negative(ctx: ToyContext) -> ToyContext:
                      "concept token and the others do not; guide the two kinds in separate batches")
 
 
-#: Guidance negatives by name (``evaluate --negative``).
+def concept_token_rows(ctx: ToyContext) -> Tensor:
+    """[B] bool: rows whose caption holds a rare concept token (``sks``, ``zwx``)."""
+    return torch.isin(ctx.tokens, _RARE_IDS.to(ctx.tokens.device)).any(dim=1)
+
+
+def split_by_caption_kind(ctx: ToyContext) -> list[ToyContext]:
+    """``ctx`` cut into batches that :func:`concept_token_negative` can guide: for a
+    reference context, the rows with a rare concept token, then the rows without (empty
+    parts left out); a text-only context as it is."""
+    if not ctx.has_ref:
+        return [ctx]
+    rare = concept_token_rows(ctx)  # [B]
+    return [ctx[m.nonzero().flatten()] for m in (rare, ~rare) if bool(m.any())]
+
+
+#: Guidance negatives by name (``evaluate --negative``, ``distill --negative``).
 NEGATIVES: dict[str, Callable[[ToyContext], ToyContext]] = {
     "drop_reference": guidance_negative, "keep_reference": keep_reference_negative,
     "concept_token": concept_token_negative,

@@ -6,10 +6,13 @@
 Trajectory distillation: the base model's fine Euler ODE (``--fine-steps`` uniform steps)
 is cached at the coarse grid ``σ_k = 1 − k/K`` (k = 0..K). With ``--guidance w`` the ODE
 follows the classifier-free-guided velocity ``v_w = v(x, σ, c⁻) + w·(v(x, σ, c) − v(x, σ, c⁻))``
-(guidance distillation, as in the real turbo models, which sample without CFG); the
-negative context ``c⁻`` is the caption with its shape word replaced by the rare token for
-text-only contexts, and the same caption without the reference for reference contexts
-(:func:`toy_models.models.guidance.guidance_negative`). The student (initialised from
+(guidance distillation, as in the real turbo models, which sample without CFG); by
+default the negative context ``c⁻`` is the caption with its shape word replaced by the rare
+token for text-only contexts, and the same caption without the reference for reference
+contexts (``--negative drop_reference``, :func:`toy_models.models.guidance.guidance_negative`).
+``--negative concept_token`` keeps the reference in ``c⁻`` when the caption names every
+concept (only its domain is left to the reference); its reference contexts are cached in
+two groups, by caption kind (:func:`toy_models.models.guidance.split_by_caption_kind`). The student (initialised from
 the base) is trained so that one Euler step from a cached state lands on the next cached
 state: ``L = || v_θ(x_k, σ_k, c) − (x_{k+1} − x_k) / (σ_{k+1} − σ_k) ||²``.
 Contexts: text-only captions (student path) and caption + reference (teacher path, mostly
@@ -32,7 +35,7 @@ from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
 from toy_models.models.dit import ToyDiT
-from toy_models.models.guidance import guided_velocity
+from toy_models.models.guidance import NEGATIVES, guided_velocity, split_by_caption_kind
 from toy_models.world.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
 from toy_models.recipes.common import EMA, base_parser, lr_at, save_atomic, save_pretrained_atomic, setup, write_json
 from toy_models.models.sampling import noise_like
@@ -58,7 +61,8 @@ def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float, aligned
 
 @torch.no_grad()
 def cache_trajectories(model: ToyDiT, ctx: ToyContext, noise: torch.Tensor, coarse: int, fine: int,
-                       batch: int = 256, desc: str = "cache", guidance: float = 1.0) -> torch.Tensor:
+                       batch: int = 256, desc: str = "cache", guidance: float = 1.0,
+                       negative: str = "drop_reference") -> torch.Tensor:
     """States [N, coarse + 1, 3, H, W] of the fine (guided) Euler ODE at σ = 1 − k/coarse."""
     if fine % coarse:
         raise ValueError(f"fine-steps {fine} must be a multiple of {coarse}")
@@ -71,7 +75,8 @@ def cache_trajectories(model: ToyDiT, ctx: ToyContext, noise: torch.Tensor, coar
         c = ctx[i : i + batch]
         states = [x]
         for j in range(fine):
-            x = euler_step(x, guided_velocity(model, x, torch.full((x.shape[0],), sig[j]), c, guidance), sig[j], sig[j + 1])
+            v = guided_velocity(model, x, torch.full((x.shape[0],), sig[j]), c, guidance, NEGATIVES[negative])
+            x = euler_step(x, v, sig[j], sig[j + 1])
             if (j + 1) % every == 0:
                 states.append(x)
         out.append(torch.stack(states, 1))
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps-k", type=int, default=4, help="K, student sampling steps")
     p.add_argument("--fine-steps", type=int, default=16)
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale w of the cached teacher ODE (1 = none)")
+    p.add_argument("--negative", default="drop_reference", choices=sorted(NEGATIVES),
+                   help="guidance negative c⁻ of the cached ODE (toy_models.models.guidance)")
     p.add_argument("--n-text", type=int, default=2048)
     p.add_argument("--n-ref", type=int, default=1024)
     p.add_argument("--p-encoder", type=float, default=0.15)
@@ -106,19 +113,25 @@ def main(argv: list[str] | None = None) -> None:
         if cached_w != args.guidance:
             raise ValueError(f"{cache_path}: cached with guidance {cached_w}, "
                              f"--guidance is {args.guidance}; pass another --cache")
+        cached_neg = cache[0].get("negative", "drop_reference")
+        if cached_neg != args.negative:
+            raise ValueError(f"{cache_path}: cached with negative {cached_neg!r}, "
+                             f"--negative is {args.negative!r}; pass another --cache")
         cached_mix = cache[0].get("mixture", "v1")
         if cached_mix != args.mixture:
             raise ValueError(f"{cache_path}: cached from mixture {cached_mix!r}, "
                              f"--mixture is {args.mixture!r}; pass another --cache")
     else:
         ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned, MIXTURES[args.mixture])
+        if args.negative == "concept_token":
+            ctxs = [part for c in ctxs for part in split_by_caption_kind(c)]
         cache = []
         for i, c in enumerate(ctxs):
             noise = noise_like(c.batch_size, args.seed * 100 + i)
             states = cache_trajectories(base, c, noise, K, args.fine_steps, desc=f"cache[{c.route if c.has_ref else 'text'}]",
-                                        guidance=args.guidance)
+                                        guidance=args.guidance, negative=args.negative)
             cache.append({"tokens": c.tokens, "ref": c.ref, "route": c.route, "states": states,
-                          "guidance": args.guidance, "mixture": args.mixture})
+                          "guidance": args.guidance, "negative": args.negative, "mixture": args.mixture})
         save_atomic(cache, cache_path)
     t_cache = time.time() - t0
 
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(Path(args.out) / "training.json", {
         "recipe": "toy_models.recipes.distill",
         "command": "python -m toy_models.recipes.distill " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "seed": args.seed, "K": K, "fine_steps": args.fine_steps, "guidance": args.guidance, "n_text": args.n_text, "n_ref": args.n_ref,
+        "seed": args.seed, "K": K, "fine_steps": args.fine_steps, "guidance": args.guidance, "negative": args.negative, "n_text": args.n_text, "n_ref": args.n_ref,
         "p_encoder": args.p_encoder, "ref_aligned": args.ref_aligned, "mixture": args.mixture, "train_steps": args.train_steps, "batch": args.batch, "lr": args.lr,
         "ema": args.ema, "base": args.base, "base_steps_done": base_info.get("steps_done"),
         "wall_clock_cache_s": round(t_cache, 1), "wall_clock_s": round(time.time() - t0, 1),
