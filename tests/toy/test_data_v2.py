@@ -195,9 +195,10 @@ def test_v2d_is_v2c_with_a_larger_domain_share():
 
 
 def test_v2e_keeps_v2c_glyph_share_and_v2d_domain_share():
-    """Mixture v2e puts v2c's share of each batch on glyph pairs (28 %) and more than v2d's in
-    a procedural domain (42 %), the room taken from text-only samples (30 %) and fills; the
-    placement fields are v2c's. Drawn pairs match the configured shares."""
+    """Mixture v2e (and v2f, the same with every reference placement redrawn) puts v2c's
+    share of each batch on glyph pairs (28 %) and more than v2d's in a procedural domain
+    (42 %), the room taken from text-only samples (30 %) and fills; v2e's placement fields
+    are v2c's. Drawn pairs match the configured shares."""
     c, e = MIXTURES["v2c"], MIXTURES["v2e"]
     assert abs(e.p_ref * e.p_glyph - 0.28) < 1e-9 and abs(c.p_ref * c.p_glyph - 0.24) < 1e-9
     assert abs(e.p_ref * (e.p_domain_only + (1 - e.p_domain_only) * e.p_domain) - 0.42) < 1e-9
@@ -209,3 +210,6 @@ def test_v2e_keeps_v2c_glyph_share_and_v2d_domain_share():
     assert abs(glyph - 0.4) < 0.07 and abs(in_domain - 0.6) < 0.07  # 0.28 and 0.42 over p_ref
     parts = pretrain_batch(0, 0, 20, 0.5, e)
     assert [(sb.x0.shape[0], sb.context.has_ref) for sb in parts] == [(6, False), (14, True)]
+    f = MIXTURES["v2f"]  # v2e with no reference aligned with its target
+    assert replace(f, aligned_start=e.aligned_start, aligned_end=e.aligned_end) == e
+    assert f.aligned_prob(0.0) == f.aligned_prob(1.0) == 0.0

@@ -285,3 +285,13 @@ def test_pretrain_resume_equals_uninterrupted(tmp_path, monkeypatch):
     sb = ToyDiT.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 4
+
+
+def test_acceptance_refuses_cards_for_candidate_weights(tmp_path):
+    """Model cards describe the shipped weights, so acceptance on candidate folders
+    (``--base``/``--turbo``) refuses ``--write-cards`` before measuring anything."""
+    from toy_models.recipes import acceptance
+
+    with pytest.raises(SystemExit, match="--write-cards describes the shipped weights"):
+        acceptance.main(["--base", str(tmp_path / "cand"), "--write-cards", "--out", str(tmp_path / "a.json")])
+    assert not (tmp_path / "a.json").exists()

@@ -70,9 +70,11 @@ def sft(model: torch.nn.Module, images: torch.Tensor, captions: list[str], steps
     return m.eval()
 
 
-def run(n: int, seed: int, sft_steps: int, sft_lr: float, sft_targets: int, skip_sft: bool = False) -> dict:
+def run(n: int, seed: int, sft_steps: int, sft_lr: float, sft_targets: int, skip_sft: bool = False,
+        base_path: str | None = None, turbo_path: str | None = None) -> dict:
+    """The measurements above, of the shipped weights (or the given model folders)."""
     t0 = time.time()
-    base, turbo, ev = load_base(), load_turbo(), load_evaluator()
+    base, turbo, ev = load_base(base_path), load_turbo(turbo_path), load_evaluator()
     known = D.specs(seed, n)
     real = real_known(n, seed + 777)
     res: dict = {"n": n, "seed": seed, "targets": TARGETS}
@@ -178,12 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft-lr", type=float, default=1e-4)
     p.add_argument("--sft-targets", type=int, default=12)
     p.add_argument("--skip-sft", action="store_true")
+    p.add_argument("--base", default=None, help="base model folder (default: the shipped one)")
+    p.add_argument("--turbo", default=None, help="4-step model folder (default: the shipped one)")
     p.add_argument("--out", default=str(WEIGHTS_DIR / "acceptance.json"))
     p.add_argument("--write-cards", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.n, a.seed, a.sft_steps, a.sft_lr, a.sft_targets, a.skip_sft)
+    if a.write_cards and (a.base or a.turbo):
+        raise SystemExit("--write-cards describes the shipped weights; leave out --base/--turbo")
+    res = run(a.n, a.seed, a.sft_steps, a.sft_lr, a.sft_targets, a.skip_sft, a.base, a.turbo)
     res["command"] = "python -m toy_models.recipes.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(Path(a.out), res)
     print(json.dumps(res["checks"], indent=1))
