@@ -213,3 +213,6 @@ def test_v2e_keeps_v2c_glyph_share_and_v2d_domain_share():
     f = MIXTURES["v2f"]  # v2e with no reference aligned with its target
     assert replace(f, aligned_start=e.aligned_start, aligned_end=e.aligned_end) == e
     assert f.aligned_prob(0.0) == f.aligned_prob(1.0) == 0.0
+    g = MIXTURES["v2g"]  # v2f with 36 % glyph pairs, 48 % in a domain, 20 % text-only
+    assert replace(g, p_ref=f.p_ref, p_glyph=f.p_glyph) == f
+    assert abs(g.p_ref * g.p_glyph - 0.36) < 1e-9 and abs(1 - g.p_ref - 0.2) < 1e-9

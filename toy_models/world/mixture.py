@@ -168,7 +168,8 @@ _V2E = replace(_V2C, p_ref=0.7, p_glyph=0.4, p_style_copy=0.05, p_fill_family=0.
 #: a procedural domain, against v2c's 21 %), ``v2e`` (v2c's glyph share and v2d's domain share
 #: together: 70 % reference samples, 28 % of each batch on glyph pairs, 42 % in a domain,
 #: 30 % text-only), ``v2f`` (v2e with every reference placement redrawn: none aligned with its
-#: target, as in ``copy``) and ``domain`` (a diagnostic like ``copy``, for
+#: target, as in ``copy``), ``v2g`` (v2f with more of each batch on glyph pairs, 36 %, and in
+#: domains, 48 %; 20 % text-only) and ``domain`` (a diagnostic like ``copy``, for
 #: the pastel row's task: v2c's 60 % reference samples, every one in a fresh procedural
 #: domain with a caption that names the shape, 30 % of them domain-only pairs and the rest
 #: same-shape references; text-only samples kept; no glyphs or fills).
@@ -180,6 +181,7 @@ MIXTURES: dict[str, MixtureConfig] = {
     "v2d": replace(_V2C, p_glyph=0.3, p_domain_only=0.2, p_domain=0.5),
     "v2e": _V2E,
     "v2f": replace(_V2E, aligned_start=0.0, aligned_end=0.0),
+    "v2g": replace(_V2E, aligned_start=0.0, aligned_end=0.0, p_ref=0.8, p_glyph=0.45),
     "domain": replace(_V2C, p_glyph=0.0, p_style_copy=0.0, p_fill_family=0.0, p_domain_only=0.3, p_domain=1.0,
                       p_rare_word=0.0),
     "copy": MixtureConfig(p_ref=1.0, p_encoder=0.0, p_glyph=1.0, p_style_copy=0.0, aligned_start=0.0,
