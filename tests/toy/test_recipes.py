@@ -295,3 +295,25 @@ def test_acceptance_refuses_cards_for_candidate_weights(tmp_path):
     with pytest.raises(SystemExit, match="--write-cards describes the shipped weights"):
         acceptance.main(["--base", str(tmp_path / "cand"), "--write-cards", "--out", str(tmp_path / "a.json")])
     assert not (tmp_path / "a.json").exists()
+
+
+def test_card_lists_the_runs_a_continuation_started_from(tmp_path, monkeypatch):
+    """A continued base (``--init``) records its parent's training.json (nested); its card
+    lists every ancestor's command and wall-clock, latest first, so the chain of one-line
+    commands that made the weights can be re-run from the card alone."""
+    from toy_models.recipes import cards
+
+    root = {"command": "python -m toy_models.recipes.pretrain --seed 0", "wall_clock_s": 10.0}
+    mid = {"command": "python -m toy_models.recipes.pretrain --mixture copy --init A", "wall_clock_s": 20.0,
+           "init_training": root}
+    top = {"command": "python -m toy_models.recipes.pretrain --mixture v2f --init B", "wall_clock_s": 30.0,
+           "init_training": mid, "seed": 3}
+    folder = tmp_path / cards.BASE
+    folder.mkdir()
+    (folder / "training.json").write_text(json.dumps(top))
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(cards, "WEIGHTS_DIR", tmp_path)
+    text = cards.card(cards.BASE, {})
+    assert cards._lineage(top) == [mid, root] and cards._lineage(root) == []
+    i1, i2 = text.index("1. `" + mid["command"] + "` (20.0 s)"), text.index("2. `" + root["command"] + "` (10.0 s)")
+    assert text.index(top["command"]) < i1 < i2

@@ -38,6 +38,15 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _lineage(tr: dict) -> list[dict]:
+    """The runs a continuation started from (``init_training``, nested), latest first."""
+    out, t = [], tr.get("init_training")
+    while t:
+        out.append(t)
+        t = t.get("init_training")
+    return out
+
+
 def card(name: str, acc: dict) -> str:
     folder = WEIGHTS_DIR / name
     tr = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
@@ -53,6 +62,10 @@ def card(name: str, acc: dict) -> str:
             f"- wall-clock: {tr.get('wall_clock_s', '?')} s on {tr.get('threads', '?')} CPU thread(s) (shared 2-core machine)"]
     if tr.get("history"):
         body.append(f"- history (resumed run): {tr['history']}")
+    lineage = _lineage(tr)
+    if lineage:
+        body += ["- continues (latest first; each run's `--init` is the next one's output):"]
+        body += [f"  {i}. `{t.get('command', '?')}` ({t.get('wall_clock_s', '?')} s)" for i, t in enumerate(lineage, 1)]
     for k in ("steps_done", "steps_planned", "steps", "train_steps", "batch", "lr", "ema", "params", "fine_steps", "guidance", "base_steps_done", "wall_clock_cache_s"):
         if k in tr:
             body.append(f"- {k}: {tr[k]}")
