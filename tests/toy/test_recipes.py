@@ -60,6 +60,11 @@ def test_pretrain_then_distill_tiny(tmp_path):
     for g in cache[1:]:
         concept_token_negative(ToyContext(g["tokens"], g["ref"], g["route"]))  # raises on a mixed group
     assert json.loads((tmp_path / "turbo-g" / "training.json").read_text())["negative"] == "concept_token"
+    # a cache is tied to the base (and the context settings) that made it
+    for flag, value, key in (("--base", str(tmp_path / "base2"), "base"), ("--n-ref", "16", "n_ref")):
+        other = ct_args + [flag, value]
+        with pytest.raises(ValueError, match=f"cache-ct.pt: cached with {key} .*--{flag[2:]} is"):
+            distill.main(other)
 
 
 def test_pretrain_continuation_with_rope_and_extra_blocks(tmp_path):

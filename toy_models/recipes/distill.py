@@ -12,8 +12,9 @@ token for text-only contexts, and the same caption without the reference for ref
 contexts (``--negative drop_reference``, :func:`toy_models.models.guidance.guidance_negative`).
 ``--negative concept_token`` keeps the reference in ``c⁻`` when the caption names every
 concept (only its domain is left to the reference); its reference contexts are cached in
-two groups, by caption kind (:func:`toy_models.models.guidance.split_by_caption_kind`). The student (initialised from
-the base) is trained so that one Euler step from a cached state lands on the next cached
+two groups, by caption kind (:func:`toy_models.models.guidance.split_by_caption_kind`).
+A cache is reused only with the base, guidance, negative, mixture, step counts and context
+settings it was made with (:data:`CACHE_KEYS`). The student (initialised from the base) is trained so that one Euler step from a cached state lands on the next cached
 state: ``L = || v_θ(x_k, σ_k, c) − (x_{k+1} − x_k) / (σ_{k+1} − σ_k) ||²``.
 Contexts: text-only captions (student path) and caption + reference (teacher path, mostly
 the reference-token route, some encoder route), so the 4-step model keeps both.
@@ -39,6 +40,12 @@ from toy_models.models.guidance import NEGATIVES, guided_velocity, split_by_capt
 from toy_models.world.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
 from toy_models.recipes.common import EMA, base_parser, lr_at, save_atomic, save_pretrained_atomic, setup, write_json
 from toy_models.models.sampling import noise_like
+
+
+#: What a cached ODE depends on (besides its contexts), with the value assumed for caches
+#: written before the key was recorded (None: not checked for those).
+CACHE_KEYS = {"guidance": 1.0, "negative": "drop_reference", "mixture": "v1", "base": None, "fine_steps": None,
+              "steps_k": None, "seed": None, "n_text": None, "n_ref": None, "p_encoder": None, "ref_aligned": None}
 
 
 def cache_contexts(seed: int, n_text: int, n_ref: int, p_encoder: float, aligned_p: float = 0.8,
@@ -109,18 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     cache_path = Path(args.cache)
     if cache_path.exists():
         cache = torch.load(cache_path, weights_only=True)
-        cached_w = cache[0].get("guidance", 1.0)
-        if cached_w != args.guidance:
-            raise ValueError(f"{cache_path}: cached with guidance {cached_w}, "
-                             f"--guidance is {args.guidance}; pass another --cache")
-        cached_neg = cache[0].get("negative", "drop_reference")
-        if cached_neg != args.negative:
-            raise ValueError(f"{cache_path}: cached with negative {cached_neg!r}, "
-                             f"--negative is {args.negative!r}; pass another --cache")
-        cached_mix = cache[0].get("mixture", "v1")
-        if cached_mix != args.mixture:
-            raise ValueError(f"{cache_path}: cached from mixture {cached_mix!r}, "
-                             f"--mixture is {args.mixture!r}; pass another --cache")
+        for key, old_default in CACHE_KEYS.items():  # a cache written before a key was recorded: its default
+            cached = cache[0].get(key, old_default)
+            if cached is not None and cached != getattr(args, key):
+                raise ValueError(f"{cache_path}: cached with {key} {cached!r}, --{key.replace('_', '-')} is "
+                                 f"{getattr(args, key)!r}; pass another --cache")
     else:
         ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned, MIXTURES[args.mixture])
         if args.negative == "concept_token":
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             states = cache_trajectories(base, c, noise, K, args.fine_steps, desc=f"cache[{c.route if c.has_ref else 'text'}]",
                                         guidance=args.guidance, negative=args.negative)
             cache.append({"tokens": c.tokens, "ref": c.ref, "route": c.route, "states": states,
-                          "guidance": args.guidance, "negative": args.negative, "mixture": args.mixture})
+                          **{key: getattr(args, key) for key in CACHE_KEYS}})
         save_atomic(cache, cache_path)
     t_cache = time.time() - t0
 
