@@ -14,8 +14,9 @@ contexts (``--negative drop_reference``, :func:`toy_models.models.guidance.guida
 concept (only its domain is left to the reference); its reference contexts are cached in
 two groups, by caption kind (:func:`toy_models.models.guidance.split_by_caption_kind`).
 A cache is reused only with the base, guidance, negative, mixture, step counts and context
-settings it was made with (:data:`CACHE_KEYS`). The student (initialised from the base) is trained so that one Euler step from a cached state lands on the next cached
-state: ``L = || v_θ(x_k, σ_k, c) − (x_{k+1} − x_k) / (σ_{k+1} − σ_k) ||²``.
+settings it was made with (:data:`CACHE_KEYS`). The student (initialised from the base)
+is trained so that one Euler step from a cached state lands on the next cached state:
+``L = || v_θ(x_k, σ_k, c) − (x_{k+1} − x_k) / (σ_{k+1} − σ_k) ||²``.
 Contexts: text-only captions (student path) and caption + reference (teacher path, mostly
 the reference-token route, some encoder route), so the 4-step model keeps both.
 """
