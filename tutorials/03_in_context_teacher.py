@@ -176,7 +176,7 @@ for name, rows in list(stats.items())[1:]:
 # Could pre-training remove the copy instead? The acceptance script measures exactly this
 # teacher — caption plus the raw target, 4 steps — on the three held-out concepts, and
 # whether its placement follows the noise (IoU with the target's mask vs with a shifted
-# mask). Measured here on the shipped model (the acceptance script uses n = 256;
+# mask). Measured here on the shipped model (the stored acceptance run used n = 256;
 # `toy_models/weights/acceptance.json` holds its numbers):
 
 # %%

@@ -195,10 +195,11 @@ def test_v2d_is_v2c_with_a_larger_domain_share():
 
 
 def test_v2e_keeps_v2c_glyph_share_and_v2d_domain_share():
-    """Mixture v2e (and v2f, the same with every reference placement redrawn) puts v2c's
-    share of each batch on glyph pairs (28 %) and more than v2d's in a procedural domain
-    (42 %), the room taken from text-only samples (30 %) and fills; v2e's placement fields
-    are v2c's. Drawn pairs match the configured shares."""
+    """Mixture v2e (and v2f, the same with every reference placement redrawn) keeps v2c's
+    share of reference samples on glyph pairs (40 %) and v2d's in a domain (60 %) on more
+    reference samples, so 28 % of each batch holds glyph pairs (v2c 24 %) and 42 % a domain,
+    the room taken from text-only samples (30 %) and fills; v2e's placement fields are v2c's.
+    Drawn pairs match the configured shares."""
     c, e = MIXTURES["v2c"], MIXTURES["v2e"]
     assert abs(e.p_ref * e.p_glyph - 0.28) < 1e-9 and abs(c.p_ref * c.p_glyph - 0.24) < 1e-9
     assert abs(e.p_ref * (e.p_domain_only + (1 - e.p_domain_only) * e.p_domain) - 0.42) < 1e-9

@@ -20,7 +20,7 @@ from toy_models.recipes import distill, pretrain, train_evaluator
 from toy_models.recipes.common import save_atomic, save_pretrained_atomic
 
 
-def test_pretrain_then_distill_tiny(tmp_path):
+def test_pretrain_then_distill_tiny(tmp_path, monkeypatch):
     """pretrain (XS, 3 steps) → folder with config/safetensors/training.json; distill from it
     (tiny cache) → a loadable 4-step folder; rerunning pretrain with the same seed gives
     identical weights."""
@@ -53,10 +53,21 @@ def test_pretrain_then_distill_tiny(tmp_path):
         distill.main(g_args + ["--negative", "concept_token", "--cache", str(tmp_path / "cache-g.pt")])
     ct_args = g_args + ["--negative", "concept_token", "--mixture", "v2e", "--ref-aligned", "0.05",
                         "--cache", str(tmp_path / "cache-ct.pt")]
+    used = []
+    real_guided = distill.guided_velocity
+
+    def spy(model, x, sigma, ctx, scale, negative):
+        used.append(negative)
+        return real_guided(model, x, sigma, ctx, scale, negative)
+
+    monkeypatch.setattr(distill, "guided_velocity", spy)
     distill.main(ct_args)
+    assert used and set(used) == {concept_token_negative}  # the negative reaches the guided ODE
     cache = torch.load(tmp_path / "cache-ct.pt", weights_only=True)
     assert {g["negative"] for g in cache} == {"concept_token"}
     assert sum(g["states"].shape[0] for g in cache if g["ref"] is not None) == 8
+    tokens_groups = [g for g in cache if g["ref"] is not None and g["route"] == "tokens"]
+    assert len(tokens_groups) == 2  # this draw holds both caption kinds: the split is exercised
     for g in cache[1:]:
         concept_token_negative(ToyContext(g["tokens"], g["ref"], g["route"]))  # raises on a mixed group
     assert json.loads((tmp_path / "turbo-g" / "training.json").read_text())["negative"] == "concept_token"
@@ -293,13 +304,20 @@ def test_pretrain_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_acceptance_refuses_cards_for_candidate_weights(tmp_path):
-    """Model cards describe the shipped weights, so acceptance on candidate folders
-    (``--base``/``--turbo``) refuses ``--write-cards`` before measuring anything."""
+    """Model cards and the default results file describe the shipped weights, so acceptance
+    on candidate folders (``--base``/``--turbo``) refuses ``--write-cards`` and a missing
+    ``--out`` before measuring anything; the shipped record is left untouched."""
     from toy_models.recipes import acceptance
+    from toy_models.models.hub import WEIGHTS_DIR
 
-    with pytest.raises(SystemExit, match="--write-cards describes the shipped weights"):
-        acceptance.main(["--base", str(tmp_path / "cand"), "--write-cards", "--out", str(tmp_path / "a.json")])
+    before = (WEIGHTS_DIR / "acceptance.json").read_bytes()
+    for flag in ("--base", "--turbo"):
+        with pytest.raises(SystemExit, match="--write-cards describes the shipped weights"):
+            acceptance.main([flag, str(tmp_path / "cand"), "--write-cards", "--out", str(tmp_path / "a.json")])
+        with pytest.raises(SystemExit, match="pass --out"):
+            acceptance.main([flag, str(tmp_path / "cand")])
     assert not (tmp_path / "a.json").exists()
+    assert (WEIGHTS_DIR / "acceptance.json").read_bytes() == before
 
 
 def test_card_lists_the_runs_a_continuation_started_from(tmp_path, monkeypatch):

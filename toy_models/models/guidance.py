@@ -49,11 +49,12 @@ def guidance_negative(ctx: ToyContext) -> ToyContext:
 
 
 def keep_reference_negative(ctx: ToyContext) -> ToyContext:
-    """Alternative c⁻ that keeps the domain (an option, not the distillation's): for a
+    """Alternative c⁻ that keeps the domain (an option; not the distillation's default): for a
     reference context whose caption names a known shape, the *same reference* with the shape
     word replaced by ``sks``, so both branches see the reference's palette and the guided
     difference is only "the named shape" (with c⁻ = no reference, w = 3 also extrapolates the
-    palette change at every pixel, docs/results/toy_world_v2.md). Any other context:
+    palette change at every pixel, docs/results/toy_world_v2.md). Any other context, and a
+    reference batch in which some caption names no known shape (as a whole):
     :func:`guidance_negative`.
     """
     if not ctx.has_ref:

@@ -182,13 +182,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-sft", action="store_true")
     p.add_argument("--base", default=None, help="base model folder (default: the shipped one)")
     p.add_argument("--turbo", default=None, help="4-step model folder (default: the shipped one)")
-    p.add_argument("--out", default=str(WEIGHTS_DIR / "acceptance.json"))
+    p.add_argument("--out", default=None, help="results JSON (default: the shipped record, "
+                   "toy_models/weights/acceptance.json; required with --base/--turbo)")
     p.add_argument("--write-cards", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.write_cards and (a.base or a.turbo):
         raise SystemExit("--write-cards describes the shipped weights; leave out --base/--turbo")
+    if a.out is None and (a.base or a.turbo):
+        raise SystemExit("--base/--turbo: pass --out (the default is the shipped weights' acceptance.json)")
+    a.out = a.out or str(WEIGHTS_DIR / "acceptance.json")
     res = run(a.n, a.seed, a.sft_steps, a.sft_lr, a.sft_targets, a.skip_sft, a.base, a.turbo)
     res["command"] = "python -m toy_models.recipes.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(Path(a.out), res)

@@ -155,7 +155,8 @@ _V2 = MixtureConfig(
 _V2C = replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.4, p_style_copy=0.06,
                p_fill_family=0.14, p_domain_only=0.14, aligned_start=0.05, aligned_end=0.05)
 
-_V2E = replace(_V2C, p_ref=0.7, p_glyph=0.4, p_style_copy=0.05, p_fill_family=0.1, p_domain_only=0.2, p_domain=0.5)
+_V2E = replace(_V2C, p_ref=0.7, p_glyph=0.4, p_style_copy=0.05, p_fill_family=0.1, p_domain_only=0.2,
+               p_domain=0.5)
 
 #: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module
 #: doc), ``v2t`` (v2 with translation-only jitter, the size kept: tests whether the size change
@@ -166,8 +167,8 @@ _V2E = replace(_V2C, p_ref=0.7, p_glyph=0.4, p_style_copy=0.05, p_fill_family=0.
 #: encoder route, 40 % of them translated glyph pairs, 5 % aligned throughout; text-only,
 #: fills and domains kept), ``v2d`` (v2c with a larger domain share: 36 % of each batch in
 #: a procedural domain, against v2c's 21 %), ``v2e`` (v2c's glyph share and v2d's domain share
-#: together: 70 % reference samples, 28 % of each batch on glyph pairs, 42 % in a domain,
-#: 30 % text-only), ``v2f`` (v2e with every reference placement redrawn: none aligned with its
+#: of reference samples, 40 % and 60 %, on 70 % reference samples: 28 % of each batch on
+#: glyph pairs, 42 % in a domain, 30 % text-only), ``v2f`` (v2e with every reference placement redrawn: none aligned with its
 #: target, as in ``copy``), ``v2g`` (v2f with more of each batch on glyph pairs, 36 %, and in
 #: domains, 48 %; 20 % text-only) and ``domain`` (a diagnostic like ``copy``, for
 #: the pastel row's task: v2c's 60 % reference samples, every one in a fresh procedural
