@@ -12,7 +12,8 @@ from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
 from toy_models.models.guidance import (NEGATIVES, GuidedDenoiser, drop_shape_word, guidance_negative, guided_velocity,
-                                        concept_token_negative, keep_reference_negative, split_by_caption_kind)
+                                        concept_token_negative, guidable_batches, keep_reference_negative,
+                                        split_by_caption_kind)
 
 from toy_models.models.dit import TOY_DIT_SIZES, ToyDiT
 from toy_models.eval.evaluator import ToyEvaluator
@@ -256,6 +257,9 @@ def test_split_by_caption_kind_partitions_rows_for_the_concept_token_negative(se
         concept_token_negative(part)
     text = ToyContext(ctx.tokens)
     assert split_by_caption_kind(text) == [text]
+    # what the distillation caches: split only for the negative that needs it
+    assert [p.batch_size for p in guidable_batches(ctx, concept_token_negative)] == [p.batch_size for p in parts]
+    assert guidable_batches(ctx, guidance_negative) == [ctx] == guidable_batches(ctx, keep_reference_negative)
 
 
 def test_train_evaluator_tiny(tmp_path):

@@ -226,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1 = none; the distillation's is 3)")
     p.add_argument("--negative", default="drop_reference", choices=sorted(NEGATIVES),
-                   help="guidance negative c⁻ for w != 1 (toy_models.models.guidance; the distillation's: drop_reference)")
+                   help="guidance negative c⁻ for w != 1 (toy_models.models.guidance; the distillation's default: drop_reference)")
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -113,6 +113,12 @@ NEGATIVES: dict[str, Callable[[ToyContext], ToyContext]] = {
 }
 
 
+def guidable_batches(ctx: ToyContext, negative: Callable[[ToyContext], ToyContext]) -> list[ToyContext]:
+    """``ctx`` as the batches that ``negative`` can guide: split by caption kind for
+    :func:`concept_token_negative` (it refuses a mixed reference batch), whole otherwise."""
+    return split_by_caption_kind(ctx) if negative is concept_token_negative else [ctx]
+
+
 def drop_shape_word(ctx: ToyContext) -> ToyContext:
     """Alternative c⁻ (measured worse, kept for the sweep): the caption without its shape word."""
     drop = {0, *_SHAPE_IDS.tolist()}

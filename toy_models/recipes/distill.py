@@ -12,7 +12,7 @@ token for text-only contexts, and the same caption without the reference for ref
 contexts (``--negative drop_reference``, :func:`toy_models.models.guidance.guidance_negative`).
 ``--negative concept_token`` keeps the reference in ``c⁻`` when the caption names every
 concept (only its domain is left to the reference); its reference contexts are cached in
-two groups, by caption kind (:func:`toy_models.models.guidance.split_by_caption_kind`).
+two groups, by caption kind (:func:`toy_models.models.guidance.guidable_batches`).
 A cache is reused only with the base, guidance, negative, mixture, step counts and context
 settings it was made with (:data:`CACHE_KEYS`). The student (initialised from the base)
 is trained so that one Euler step from a cached state lands on the next cached state:
@@ -37,7 +37,7 @@ from toy_models.world import data as D
 from toy_models.world import vocab as V
 from toy_models.models.context import ToyContext
 from toy_models.models.dit import ToyDiT
-from toy_models.models.guidance import NEGATIVES, guided_velocity, split_by_caption_kind
+from toy_models.models.guidance import NEGATIVES, guidable_batches, guided_velocity
 from toy_models.world.mixture import MIXTURES, MixtureConfig, _ref_pair, _text_spec
 from toy_models.recipes.common import EMA, base_parser, lr_at, save_atomic, save_pretrained_atomic, setup, write_json
 from toy_models.models.sampling import noise_like
@@ -75,6 +75,7 @@ def cache_trajectories(model: ToyDiT, ctx: ToyContext, noise: torch.Tensor, coar
     if fine % coarse:
         raise ValueError(f"fine-steps {fine} must be a multiple of {coarse}")
     model.eval()
+    neg = NEGATIVES[negative]
     sig = [1 - j / fine for j in range(fine + 1)]
     every = fine // coarse
     out = []
@@ -83,7 +84,7 @@ def cache_trajectories(model: ToyDiT, ctx: ToyContext, noise: torch.Tensor, coar
         c = ctx[i : i + batch]
         states = [x]
         for j in range(fine):
-            v = guided_velocity(model, x, torch.full((x.shape[0],), sig[j]), c, guidance, NEGATIVES[negative])
+            v = guided_velocity(model, x, torch.full((x.shape[0],), sig[j]), c, guidance, neg)
             x = euler_step(x, v, sig[j], sig[j + 1])
             if (j + 1) % every == 0:
                 states.append(x)
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                                  f"{getattr(args, key)!r}; pass another --cache")
     else:
         ctxs = cache_contexts(args.seed, args.n_text, args.n_ref, args.p_encoder, args.ref_aligned, MIXTURES[args.mixture])
-        if args.negative == "concept_token":
-            ctxs = [part for c in ctxs for part in split_by_caption_kind(c)]
+        ctxs = [part for c in ctxs for part in guidable_batches(c, NEGATIVES[args.negative])]
         cache = []
         for i, c in enumerate(ctxs):
             noise = noise_like(c.batch_size, args.seed * 100 + i)

@@ -158,6 +158,8 @@ _V2C = replace(_V2, jitter_size=False, p_ref=0.6, p_encoder=0.0, p_glyph=0.4, p_
 _V2E = replace(_V2C, p_ref=0.7, p_glyph=0.4, p_style_copy=0.05, p_fill_family=0.1, p_domain_only=0.2,
                p_domain=0.5)
 
+_V2F = replace(_V2E, aligned_start=0.0, aligned_end=0.0)
+
 #: Named mixtures: ``v1`` (the original), ``v2`` (placement-free, fills and domains; see module
 #: doc), ``v2t`` (v2 with translation-only jitter, the size kept: tests whether the size change
 #: is what stops a relocating copy, docs/results/toy_world_v2.md), ``copy`` (a diagnostic,
@@ -168,8 +170,8 @@ _V2E = replace(_V2C, p_ref=0.7, p_glyph=0.4, p_style_copy=0.05, p_fill_family=0.
 #: fills and domains kept), ``v2d`` (v2c with a larger domain share: 36 % of each batch in
 #: a procedural domain, against v2c's 21 %), ``v2e`` (v2c's glyph share and v2d's domain share
 #: of reference samples, 40 % and 60 %, on 70 % reference samples: 28 % of each batch on
-#: glyph pairs, 42 % in a domain, 30 % text-only), ``v2f`` (v2e with every reference placement redrawn: none aligned with its
-#: target, as in ``copy``), ``v2g`` (v2f with more of each batch on glyph pairs, 36 %, and in
+#: glyph pairs, 42 % in a domain, 30 % text-only), ``v2f`` (v2e with every reference
+#: placement redrawn: none aligned with its target, as in ``copy``), ``v2g`` (v2f with more of each batch on glyph pairs, 36 %, and in
 #: domains, 48 %; 20 % text-only) and ``domain`` (a diagnostic like ``copy``, for
 #: the pastel row's task: v2c's 60 % reference samples, every one in a fresh procedural
 #: domain with a caption that names the shape, 30 % of them domain-only pairs and the rest
@@ -181,8 +183,8 @@ MIXTURES: dict[str, MixtureConfig] = {
     "v2c": _V2C,
     "v2d": replace(_V2C, p_glyph=0.3, p_domain_only=0.2, p_domain=0.5),
     "v2e": _V2E,
-    "v2f": replace(_V2E, aligned_start=0.0, aligned_end=0.0),
-    "v2g": replace(_V2E, aligned_start=0.0, aligned_end=0.0, p_ref=0.8, p_glyph=0.45),
+    "v2f": _V2F,
+    "v2g": replace(_V2F, p_ref=0.8, p_glyph=0.45),
     "domain": replace(_V2C, p_glyph=0.0, p_style_copy=0.0, p_fill_family=0.0, p_domain_only=0.3, p_domain=1.0,
                       p_rare_word=0.0),
     "copy": MixtureConfig(p_ref=1.0, p_encoder=0.0, p_glyph=1.0, p_style_copy=0.0, aligned_start=0.0,
