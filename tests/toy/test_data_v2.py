@@ -217,3 +217,19 @@ def test_v2e_keeps_v2c_glyph_share_and_v2d_domain_share():
     g = MIXTURES["v2g"]  # v2f with 36 % glyph pairs, 48 % in a domain, 20 % text-only
     assert replace(g, p_ref=f.p_ref, p_glyph=f.p_glyph) == f
     assert abs(g.p_ref * g.p_glyph - 0.36) < 1e-9 and abs(1 - g.p_ref - 0.2) < 1e-9
+
+
+def test_v2h_trades_glyph_pairs_for_rare_word_known_shape_pairs():
+    """Mixture v2h is v2g with glyph pairs cut to 24 % of each batch and every known-shape
+    reference pair captioned with the rare word ``sks`` (28 % of each batch against v2g's
+    about 10 %), so ``sks`` + a reference stops meaning "draw a glyph". Drawn pairs match."""
+    g, h = MIXTURES["v2g"], MIXTURES["v2h"]
+    assert replace(h, p_glyph=g.p_glyph, p_rare_word=g.p_rare_word) == g
+    known = lambda m: m.p_ref * (1 - m.p_glyph - m.p_style_copy - m.p_fill_family - m.p_domain_only)
+    assert abs(h.p_ref * h.p_glyph - 0.24) < 1e-9
+    assert abs(known(h) * h.p_rare_word - 0.28) < 1e-9 and abs(known(g) * g.p_rare_word - 0.096) < 1e-9
+    rng = np.random.default_rng(2)
+    pairs = [mix._ref_pair(rng, h, 0.0) for _ in range(600)]
+    glyph = sum(t.shape == "glyph" for t, _, _ in pairs) / len(pairs)
+    sks_known = sum(t.shape != "glyph" and V.SHAPE_TOKEN in c.split() for t, _, c in pairs) / len(pairs)
+    assert abs(glyph - 0.3) < 0.06 and abs(sks_known - 0.35) < 0.06  # 0.24 and 0.28 over p_ref
