@@ -65,7 +65,11 @@ def card(name: str, acc: dict) -> str:
     lineage = _lineage(tr)
     if lineage:
         body += ["- continues (latest first; each run's `--init` is the next one's output):"]
-        body += [f"  {i}. `{t.get('command', '?')}` ({t.get('wall_clock_s', '?')} s)" for i, t in enumerate(lineage, 1)]
+        body += [f"  {i}. `{t.get('command', '?')}` ({t.get('wall_clock_s', '?')} s)"
+                 + (f"; its `--init` is the folder as of commit {t['init_commit']}" if t.get("init_commit") else "")
+                 for i, t in enumerate(lineage, 1)]
+    if tr.get("base_shipped_as"):
+        body.append(f"- base: `{tr.get('base')}` when distilled, shipped as `{tr['base_shipped_as']}`")
     for k in ("steps_done", "steps_planned", "steps", "train_steps", "batch", "lr", "ema", "params", "fine_steps", "guidance", "base_steps_done", "wall_clock_cache_s"):
         if k in tr:
             body.append(f"- {k}: {tr[k]}")
