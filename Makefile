@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= toy,repro,tutorials,dev
 ARGS ?=
 
-.PHONY: demo demo-core test test-all install clean
+.PHONY: demo demo-core test test-all install clean weights-v2
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(VENV)/.installed
 ## Everything, slow acceptance checks included.
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
+
+## Toy world v2: the candidate weights' whole training chain (about 2 h of CPU; resumable).
+weights-v2: $(VENV)/.installed
+	PYTHON=$(PY) bash toy_models/recipes/v2_chain.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

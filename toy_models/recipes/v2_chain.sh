@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Toy world v2: the whole continuation chain behind the candidate weights, one command.
+#
+#   bash toy_models/recipes/v2_chain.sh            # or: make weights-v2
+#
+# Each stage continues the previous one (`--init`); the first continues the v1 base
+# (toy_models/weights/toy-dit-base as shipped up to the v2 weights). Every stage is a recipe
+# command from docs/results/toy_world_v2.md with its seed. The chain is resumable: a finished
+# stage (marker RUNS/<stage>.done) is skipped, an interrupted one resumes from its state.pt.
+# Wall-clocks on the 2-core CPU machine: about 13-17 min per 3000 pre-training steps, 16-20 min
+# for the distillation, 2 min for acceptance; about 2 h in all.
+#
+# Environment: RUNS (default runs), PYTHON (default .venv/bin/python if present, else python),
+# INIT (default toy_models/weights/toy-dit-base: must be the v1 base), STOP_AFTER (a stage name),
+# DRY_RUN=1 (print each stage's command, run nothing; tests/toy/test_v2_chain.py reads it).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-runs}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+INIT=${INIT:-toy_models/weights/toy-dit-base}
+
+stage() {  # name command...: run a stage unless its marker exists (DRY_RUN: print it)
+    local name=$1; shift
+    if [ -n "${DRY_RUN:-}" ]; then echo "$*"; return; fi
+    [ -f "$RUNS/$name.done" ] && { echo "== $name: done"; return; }
+    echo "== $name"
+    "$PY" "$@"
+    touch "$RUNS/$name.done"
+    if [ "${STOP_AFTER:-}" = "$name" ]; then echo "stopped after $name"; exit 0; fi
+}
+
+pretrain() {  # stage mixture init steps warmup seed
+    local stage=$1 mix=$2 init=$3 steps=$4 warmup=$5 seed=$6 resume=()
+    [ -f "$RUNS/$stage/state.pt" ] && [ -z "${DRY_RUN:-}" ] && resume=(--resume)
+    stage "$stage" -m toy_models.recipes.pretrain --mixture "$mix" --rope --init "$init" --out "$RUNS/$stage" \
+        --steps "$steps" --warmup "$warmup" --lr 3e-4 --ckpt-every 500 --threads 2 --seed "$seed" --state "$RUNS/$stage/state.pt" "${resume[@]}"
+}
+
+main() {
+    [ -n "${DRY_RUN:-}" ] || mkdir -p "$RUNS"
+    pretrain copy3-base copy "$INIT" 3000 200 12            # relocating copy: all translated glyph pairs
+    pretrain c3d-base v2d "$RUNS/copy3-base" 3000 200 13     # + domains, fills, text-only
+    pretrain c3d2-base v2d "$RUNS/c3d-base" 1500 100 14
+    pretrain c3e-base v2e "$RUNS/c3d2-base" 3000 100 15      # glyph share of v2c, domain share of v2d
+    pretrain c3f-base v2f "$RUNS/c3e-base" 3000 100 16       # no aligned references
+    pretrain c3g-base v2g "$RUNS/c3f-base" 3000 100 17       # more glyph pairs
+    pretrain c3h-base v2g "$RUNS/c3g-base" 3000 100 18
+    pretrain c3i-base v2h "$RUNS/c3h-base" 3000 100 20       # every known-shape reference captioned sks
+    stage c3i-turbo4 -m toy_models.recipes.distill --base "$RUNS/c3i-base" --out "$RUNS/c3i-turbo4" --threads 2 \
+        --seed 0 --n-text 1536 --n-ref 3072 --train-steps 2500 --guidance 3 --negative concept_token --mixture v2h \
+        --ref-aligned 0.0 --cache "$RUNS/c3i-distill/cache.pt"  # guidance distillation, w = 3, concept-token c⁻
+    stage c3i-acceptance -m toy_models.recipes.acceptance --base "$RUNS/c3i-base" --turbo "$RUNS/c3i-turbo4" \
+        --n 256 --seed 0 --threads 2 --out "$RUNS/c3i-acceptance.json"
+}
+
+# one line, read whole before it runs: editing this file while a chain runs cannot derail it
+main "$@"; exit $?
