@@ -16,7 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "toy_models" / "recipes" / "v2_ch
 
 
 def _stages(runs: str = "runs") -> list[dict[str, str]]:
-    env = {**os.environ, "DRY_RUN": "1", "RUNS": runs}
+    env = {k: v for k, v in os.environ.items() if k not in ("INIT", "STOP_AFTER", "PYTHON")}
+    env.update(DRY_RUN="1", RUNS=runs)
     out = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, check=True).stdout
     stages = []
     for line in out.splitlines():
@@ -58,3 +59,24 @@ def test_every_stage_continues_the_previous_one_with_rope():
     assert accept["module"] == "toy_models.recipes.acceptance"
     assert accept["base"] == pre[-1]["out"] and accept["turbo"] == distill["out"]
     assert accept["n"] == "256" and accept["out"].startswith("some/runs/")
+
+
+def test_stop_after_names_a_stage():
+    """A STOP_AFTER that is not a stage name is refused (exit 2, naming the stages) before
+    anything runs, instead of silently running the whole chain."""
+    env = {**os.environ, "STOP_AFTER": "c3x-base", "RUNS": "/nonexistent/runs"}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "not a stage" in r.stderr and "c3i-base" in r.stderr
+
+
+def test_refuses_to_start_from_a_rope_model(tmp_path):
+    """The chain adds RoPE to the v1 base; an INIT that has RoPE already (the v2 base, once
+    shipped) is refused before anything runs, with a message that names the v1 base."""
+    init = tmp_path / "base"
+    init.mkdir()
+    (init / "config.json").write_text('{"depth": 3, "rope": true}')
+    env = {**os.environ, "INIT": str(init), "RUNS": str(tmp_path / "runs"), "PYTHON": "false"}
+    env.pop("STOP_AFTER", None)
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "v1 base" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()

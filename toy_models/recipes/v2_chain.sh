@@ -19,13 +19,26 @@ RUNS=${RUNS:-runs}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 INIT=${INIT:-toy_models/weights/toy-dit-base}
 
+STAGES="copy3-base c3d-base c3d2-base c3e-base c3f-base c3g-base c3h-base c3i-base c3i-turbo4 c3i-acceptance"
+if [ -n "${STOP_AFTER:-}" ] && [[ " $STAGES " != *" $STOP_AFTER "* ]]; then
+    echo "STOP_AFTER=$STOP_AFTER is not a stage; stages: $STAGES" >&2; exit 2
+fi
+# The chain adds 2-D RoPE to a model without it: the first --init must be the v1 base.
+if [ -z "${DRY_RUN:-}" ] && [ ! -f "$RUNS/copy3-base.done" ] && grep -Eq '"rope": *true' "$INIT/config.json"; then
+    echo "INIT=$INIT has RoPE already (the shipped v2 base?): the chain starts from the v1 base;" \
+         "check its folder out of a commit before the v2 weights (docs/results/toy_world_v2.md)" >&2; exit 2
+fi
+
 stage() {  # name command...: run a stage unless its marker exists (DRY_RUN: print it)
     local name=$1; shift
-    if [ -n "${DRY_RUN:-}" ]; then echo "$*"; return; fi
-    [ -f "$RUNS/$name.done" ] && { echo "== $name: done"; return; }
-    echo "== $name"
-    "$PY" "$@"
-    touch "$RUNS/$name.done"
+    if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; return; fi
+    if [ -f "$RUNS/$name.done" ]; then
+        echo "== $name: done"
+    else
+        echo "== $name"
+        "$PY" "$@"
+        touch "$RUNS/$name.done"
+    fi
     if [ "${STOP_AFTER:-}" = "$name" ]; then echo "stopped after $name"; exit 0; fi
 }
 
@@ -33,7 +46,7 @@ pretrain() {  # stage mixture init steps warmup seed
     local stage=$1 mix=$2 init=$3 steps=$4 warmup=$5 seed=$6 resume=()
     [ -f "$RUNS/$stage/state.pt" ] && [ -z "${DRY_RUN:-}" ] && resume=(--resume)
     stage "$stage" -m toy_models.recipes.pretrain --mixture "$mix" --rope --init "$init" --out "$RUNS/$stage" \
-        --steps "$steps" --warmup "$warmup" --lr 3e-4 --ckpt-every 500 --threads 2 --seed "$seed" --state "$RUNS/$stage/state.pt" "${resume[@]}"
+        --steps "$steps" --warmup "$warmup" --lr 3e-4 --ckpt-every 500 --threads 2 --seed "$seed" --state "$RUNS/$stage/state.pt" ${resume[@]+"${resume[@]}"}
 }
 
 main() {

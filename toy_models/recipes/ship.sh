@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Ship a base + 4-step pair into toy_models/weights, then regenerate acceptance.json and the cards.
+# usage: bash toy_models/recipes/ship.sh BASE_DIR TURBO_DIR V1_COMMIT
+# e.g.   bash toy_models/recipes/ship.sh toy_models/weights/v2-candidate/toy-dit-base \
+#            toy_models/weights/v2-candidate/toy-dit-turbo4 $(git rev-parse --short HEAD)
+# V1_COMMIT: a commit whose toy_models/weights/toy-dit-base is the base the chain started from.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+B=${1:?usage: ship.sh BASE_DIR TURBO_DIR V1_COMMIT}; T=${2:?turbo folder}; V1=${3:?the v1 commit}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+for pair in "$B:toy-dit-base" "$T:toy-dit-turbo4"; do
+  src=${pair%%:*}; dst=toy_models/weights/${pair##*:}
+  cp "$src/config.json" "$src/model.safetensors" "$src/training.json" "$dst/"
+done
+# provenance: the lineage's first --init is the v1 base, which the shipped folder no longer holds
+"$PY" - "$V1" <<'PY'
+import json, sys
+from pathlib import Path
+v1 = sys.argv[1]
+for name in ("toy-dit-base", "toy-dit-turbo4"):
+    p = Path("toy_models/weights") / name / "training.json"
+    tr = json.loads(p.read_text())
+    t, found = tr, False
+    while t:
+        if t.get("init") == "toy_models/weights/toy-dit-base":
+            t["init_commit"], found = v1, True
+        t = t.get("init_training")
+    if name == "toy-dit-base" and not found:
+        sys.exit(f"{p}: no stage of the lineage has --init toy_models/weights/toy-dit-base (the v1 base)")
+    if tr.get("recipe") == "toy_models.recipes.distill":
+        tr["base_shipped_as"] = "toy_models/weights/toy-dit-base"
+    p.write_text(json.dumps(tr, indent=2) + "\n")
+PY
+time "$PY" -m toy_models.recipes.acceptance --n 256 --seed 0 --threads 2 --write-cards
