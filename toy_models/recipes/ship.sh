@@ -12,7 +12,8 @@ for pair in "$B:toy-dit-base" "$T:toy-dit-turbo4"; do
   src=${pair%%:*}; dst=toy_models/weights/${pair##*:}
   cp "$src/config.json" "$src/model.safetensors" "$src/training.json" "$dst/"
 done
-# provenance: the lineage's first --init is the v1 base, which the shipped folder no longer holds
+# provenance: the lineage's first --init is the v1 base, which the shipped folder no longer holds:
+# record the commit that holds it
 "$PY" - "$V1" <<'PY'
 import json, sys
 from pathlib import Path
@@ -20,13 +21,13 @@ v1 = sys.argv[1]
 for name in ("toy-dit-base", "toy-dit-turbo4"):
     p = Path("toy_models/weights") / name / "training.json"
     tr = json.loads(p.read_text())
-    t, found = tr, False
-    while t:
-        if t.get("init") == "toy_models/weights/toy-dit-base":
-            t["init_commit"], found = v1, True
-        t = t.get("init_training")
-    if name == "toy-dit-base" and not found:
-        sys.exit(f"{p}: no stage of the lineage has --init toy_models/weights/toy-dit-base (the v1 base)")
+    first = tr  # the lineage's first stage: its --init is the v1 base
+    while first.get("init_training"):
+        first = first["init_training"]
+    if name == "toy-dit-base":
+        if not first.get("init"):
+            sys.exit(f"{p}: the lineage's first stage has no --init (not a continuation of the v1 base)")
+        first["init_commit"] = v1
     if tr.get("recipe") == "toy_models.recipes.distill":
         tr["base_shipped_as"] = "toy_models/weights/toy-dit-base"
     p.write_text(json.dumps(tr, indent=2) + "\n")

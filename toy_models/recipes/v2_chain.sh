@@ -25,8 +25,10 @@ if [ -n "${STOP_AFTER:-}" ] && [[ " $STAGES " != *" $STOP_AFTER "* ]]; then
 fi
 # The chain adds 2-D RoPE to a model without it: the first --init must be the v1 base.
 if [ -z "${DRY_RUN:-}" ] && [ ! -f "$RUNS/copy3-base.done" ] && grep -Eq '"rope": *true' "$INIT/config.json"; then
-    echo "INIT=$INIT has RoPE already (the shipped v2 base?): the chain starts from the v1 base;" \
-         "check its folder out of a commit before the v2 weights (docs/results/toy_world_v2.md)" >&2; exit 2
+    echo "INIT=$INIT has RoPE already (the shipped v2 base?): the chain starts from the v1 base. Restore it with" \
+         "mkdir -p runs/v1-base && for f in config.json model.safetensors training.json; do" \
+         "git show 770a9a2:toy_models/weights/toy-dit-base/\$f > runs/v1-base/\$f; done" \
+         "and run again with INIT=runs/v1-base" >&2; exit 2
 fi
 
 stage() {  # name command...: run a stage unless its marker exists (DRY_RUN: print it)
