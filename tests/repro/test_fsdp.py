@@ -89,10 +89,12 @@ def test_fsdp2_two_cpu_ranks_identical_and_resume_exact(tmp_path):
     assert {k.removeprefix("transformer.") for k in saved} == set(student)
     assert all(torch.equal(v, student[k.removeprefix("transformer.")]) for k, v in saved.items())
     # The same run under the training script's DDP engine (accelerate, gloo): equal up to the
-    # order of the gradient reduction (all-reduce vs reduce-scatter).
+    # order of the gradient reduction (all-reduce vs reduce-scatter). Adam divides by √v, so an
+    # element whose gradient is near zero turns that float32 noise into up to ~3e-6 of weight
+    # after three steps (seen on one of 340 elements on one machine): atol 1e-5.
     d0 = torch.load(tmp_path / "d0.pt", weights_only=True)
     assert d0["type"] == "DistributedType.MULTI_CPU"
     assert d0["losses"] == pytest.approx(a0["losses"], rel=1e-5)
     for role in ("student", "teacher"):
         for k, v in a0["lora"][role].items():
-            torch.testing.assert_close(v, d0["lora"][role][k], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(v, d0["lora"][role][k], atol=1e-5, rtol=1e-5)
