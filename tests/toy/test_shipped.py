@@ -10,46 +10,46 @@ import torch
 
 from toy_models.world import data as D
 from toy_models.world.concepts import concept_specs
-from toy_models.eval.evaluate import copy_accuracy, score_prompts
-from toy_models.models.hub import BASE, EVALUATOR, TURBO, load_evaluator, load_turbo, weights_available
+from toy_models.models.hub import BASE, EVALUATOR, TURBO, weights_available, weights_path
+
+from .smoke_rows import N, model_and_evaluator, smoke_rows
 
 pytestmark = pytest.mark.skipif(
     not weights_available(TURBO, EVALUATOR), reason="shipped toy weights not trained yet (toy_models/README.md)"
 )
 
-N = 64
 
 
 @pytest.fixture(scope="module")
 def models():
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return load_turbo(), load_evaluator()
+    return model_and_evaluator(str(weights_path(TURBO)))
 
 
-def test_turbo_text_only_known(models):
+@pytest.fixture(scope="module")
+def rows():
+    return smoke_rows(str(weights_path(TURBO)))
+
+
+def test_turbo_text_only_known(rows):
     """4-step text-only samples of known prompts show the named colour, and the named shape at
     the measured rate (margin for 64 prompts)."""
-    turbo, ev = models
-    r = score_prompts(turbo, ev, D.specs(1, N), steps=4, seed=1)
+    r = rows["text_only"]
     assert r["shape_acc"] >= SHAPE_MIN, r
     assert r["color_acc"] >= 0.95, r
 
 
-def test_teacher_copies_heldout_student_does_not(models):
+def test_teacher_copies_heldout_student_does_not(rows):
     """With the rare token + the target as reference (the D-OPSD teacher context) the 4-step
     model draws the held-out L; text-only with the same prompt it does not."""
-    turbo, ev = models
-    ell = concept_specs("ell", N, 21)
-    teacher = copy_accuracy(turbo, ev, ell, 4, "exact", "tokens", seed=1)["acc"]
-    student = copy_accuracy(turbo, ev, ell, 4, "exact", None, seed=1)["acc"]
+    teacher = rows["ell_teacher"]["acc"]
+    student = rows["ell_student"]["acc"]
     assert teacher >= TEACHER_MIN, teacher
     assert student <= STUDENT_MAX, student
 
 
-def test_copy_trained_shapes(models):
+def test_copy_trained_shapes(rows):
     """Trained shapes are copied from an aligned reference of another colour/background."""
-    turbo, ev = models
-    r = copy_accuracy(turbo, ev, D.specs(23, N), 4, "aligned", "tokens", seed=1)
+    r = rows["trained_aligned"]
     assert r["acc"] >= COPY_MIN, r
 
 

@@ -17,15 +17,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from toy_models.eval.evaluate import copy_accuracy, raw_target_teacher, score_prompts
-from toy_models.models.dit import ToyDiT
-from toy_models.models.hub import EVALUATOR, TURBO, WEIGHTS_DIR, load_evaluator, weights_available
-from toy_models.world import data as D
-from toy_models.world.concepts import concept_specs
+from toy_models.eval.evaluate import raw_target_teacher
+from toy_models.models.hub import EVALUATOR, TURBO, WEIGHTS_DIR, weights_available
 
-N, TOL = 64, 0.12
+from .smoke_rows import N, model_and_evaluator, smoke_rows
+
+TOL = 0.12
 MODELS = {"shipped": (WEIGHTS_DIR / TURBO, WEIGHTS_DIR / "acceptance.json"),
           "v2-candidate": (WEIGHTS_DIR / "v2-candidate" / TURBO, WEIGHTS_DIR / "v2-candidate" / "acceptance.json")}
 PRESENT = [k for k, (m, r) in MODELS.items() if (m / "model.safetensors").is_file() and r.is_file()]
@@ -35,9 +33,8 @@ pytestmark = pytest.mark.skipif(not (PRESENT and weights_available(EVALUATOR)), 
 
 @pytest.fixture(scope="module", params=PRESENT)
 def setup(request):
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     folder, record = MODELS[request.param]
-    return ToyDiT.from_pretrained(folder).eval(), load_evaluator(), json.loads(Path(record).read_text())
+    return str(folder), json.loads(Path(record).read_text())
 
 
 @pytest.mark.parametrize("concept", ["ell", "hstripe", "pastel"])
@@ -46,8 +43,8 @@ def test_raw_target_teacher_matches_its_record(setup, concept):
     keeps the prompt's shape, and places the sample relative to the target (IoU with the
     target's mask minus IoU with a shifted mask: about 0.6 for a placement copy, about 0 for
     a placement that follows the noise) as recorded."""
-    turbo, ev, rec = setup
-    r = raw_target_teacher(turbo, ev, concept, N, 4, seed=1)
+    folder, rec = setup
+    r = raw_target_teacher(*model_and_evaluator(folder), concept, N, 4, seed=1)
     want = rec["raw_teacher"]["turbo@4"][concept]
     for k in ("acc", "shape_acc"):
         assert abs(r[k] - want[k]) <= TOL, (k, r, want)
@@ -59,17 +56,13 @@ def test_text_only_and_copy_rows_match_their_record(setup):
     """Text-only 4-step samples show the named shape, the teacher copies trained shapes from
     an aligned reference and the L from the exact target, and the text-only student does not
     draw the L for `sks`, each as recorded."""
-    turbo, ev, rec = setup
-    ell = concept_specs("ell", N, 21)
+    folder, rec = setup
+    rows, copy = smoke_rows(folder), rec["copy"]["turbo@4"]
     measured = {
-        "text-only shape": (score_prompts(turbo, ev, D.specs(1, N), steps=4, seed=1)["shape_acc"],
-                            rec["text_only"]["turbo@4"]["shape_acc"]),
-        "trained, aligned": (copy_accuracy(turbo, ev, D.specs(23, N), 4, "aligned", "tokens", seed=1)["acc"],
-                             rec["copy"]["turbo@4"]["tokens/trained/aligned"]["acc"]),
-        "ell, exact": (copy_accuracy(turbo, ev, ell, 4, "exact", "tokens", seed=1)["acc"],
-                       rec["copy"]["turbo@4"]["tokens/ell/exact"]["acc"]),
-        "ell, text only": (copy_accuracy(turbo, ev, ell, 4, "exact", None, seed=1)["acc"],
-                           rec["copy"]["turbo@4"]["text_only/ell"]["acc"]),
+        "text-only shape": (rows["text_only"]["shape_acc"], rec["text_only"]["turbo@4"]["shape_acc"]),
+        "trained, aligned": (rows["trained_aligned"]["acc"], copy["tokens/trained/aligned"]["acc"]),
+        "ell, exact": (rows["ell_teacher"]["acc"], copy["tokens/ell/exact"]["acc"]),
+        "ell, text only": (rows["ell_student"]["acc"], copy["text_only/ell"]["acc"]),
     }
     for name, (got, want) in measured.items():
         assert abs(got - want) <= TOL, (name, got, want, measured)

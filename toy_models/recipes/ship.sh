@@ -21,10 +21,10 @@ v1 = sys.argv[1]
 for name in ("toy-dit-base", "toy-dit-turbo4"):
     p = Path("toy_models/weights") / name / "training.json"
     tr = json.loads(p.read_text())
-    first = tr  # the lineage's first stage: its --init is the v1 base
-    while first.get("init_training"):
-        first = first["init_training"]
     if name == "toy-dit-base":
+        first = tr  # the lineage's first stage: its --init is the v1 base
+        while first.get("init_training"):
+            first = first["init_training"]
         if not first.get("init"):
             sys.exit(f"{p}: the lineage's first stage has no --init (not a continuation of the v1 base)")
         first["init_commit"] = v1

@@ -19,10 +19,6 @@ RUNS=${RUNS:-runs}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 INIT=${INIT:-toy_models/weights/toy-dit-base}
 
-STAGES="copy3-base c3d-base c3d2-base c3e-base c3f-base c3g-base c3h-base c3i-base c3i-turbo4 c3i-acceptance"
-if [ -n "${STOP_AFTER:-}" ] && [[ " $STAGES " != *" $STOP_AFTER "* ]]; then
-    echo "STOP_AFTER=$STOP_AFTER is not a stage; stages: $STAGES" >&2; exit 2
-fi
 # The chain adds 2-D RoPE to a model without it: the first --init must be the v1 base.
 if [ -z "${DRY_RUN:-}" ] && [ ! -f "$RUNS/copy3-base.done" ] && grep -Eq '"rope": *true' "$INIT/config.json"; then
     echo "INIT=$INIT has RoPE already (the shipped v2 base?): the chain starts from the v1 base. Restore it with" \
@@ -31,8 +27,10 @@ if [ -z "${DRY_RUN:-}" ] && [ ! -f "$RUNS/copy3-base.done" ] && grep -Eq '"rope"
          "and run again with INIT=runs/v1-base" >&2; exit 2
 fi
 
-stage() {  # name command...: run a stage unless its marker exists (DRY_RUN: print it)
+STAGES=()
+stage() {  # name command...: run a stage unless its marker exists (DRY_RUN: print it; LISTING: list it)
     local name=$1; shift
+    if [ -n "${LISTING:-}" ]; then STAGES+=("$name"); return; fi
     if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; return; fi
     if [ -f "$RUNS/$name.done" ]; then
         echo "== $name: done"
@@ -52,7 +50,7 @@ pretrain() {  # stage mixture init steps warmup seed
 }
 
 main() {
-    [ -n "${DRY_RUN:-}" ] || mkdir -p "$RUNS"
+    [ -n "${DRY_RUN:-}${LISTING:-}" ] || mkdir -p "$RUNS"
     pretrain copy3-base copy "$INIT" 3000 200 12            # relocating copy: all translated glyph pairs
     pretrain c3d-base v2d "$RUNS/copy3-base" 3000 200 13     # + domains, fills, text-only
     pretrain c3d2-base v2d "$RUNS/c3d-base" 1500 100 14
@@ -68,5 +66,6 @@ main() {
         --n 256 --seed 0 --threads 2 --out "$RUNS/c3i-acceptance.json"
 }
 
-# one line, read whole before it runs: editing this file while a chain runs cannot derail it
-main "$@"; exit $?
+# The stage names come from main itself (a listing pass), so STOP_AFTER is checked before anything runs.
+# One line, read whole before it runs: editing this file while a chain runs cannot derail it.
+LISTING=1 main; if [ -n "${STOP_AFTER:-}" ] && [[ " ${STAGES[*]} " != *" $STOP_AFTER "* ]]; then echo "STOP_AFTER=$STOP_AFTER is not a stage; stages: ${STAGES[*]}" >&2; exit 2; fi; main "$@"; exit $?
